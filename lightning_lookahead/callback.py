@@ -1,0 +1,285 @@
+"""LookaheadCallback: maps Lightning Trainer hooks onto :class:`~lightning_lookahead.lookahead.Lookahead`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_lookahead import distributed
+from lightning_lookahead.inner_state import InnerState
+from lightning_lookahead.lookahead import (
+    Lookahead,
+    OnNonFinite,
+    check_alpha,
+    check_choice,
+    check_k,
+    check_optional_int,
+)
+
+EvalWeights = Literal["slow", "fast"]
+CHECKPOINT_KEY = "lookahead"  # top-level checkpoint entry with the fast weights (not the callback state)
+
+
+class LookaheadCallback(Callback):
+    r"""Lookahead (Zhang, Lucas, Hinton, Ba, 2019) for any Lightning training run.
+
+    The optimizers from ``configure_optimizers`` stay untouched (no wrapper), so Lightning's
+    optimizer, LR-scheduler, AMP and accumulation logic keep working. The callback keeps slow
+    weights :math:`\phi` (equal to the fast weights :math:`\theta` at the start of fit) and after
+    every ``k`` *real* steps of an optimizer (accumulated batches count once, AMP-skipped steps
+    not at all) sets :math:`\phi \leftarrow \phi + \alpha(\theta - \phi)`, :math:`\theta \leftarrow \phi`
+    for that optimizer's parameters. Buffers (e.g. BatchNorm statistics) are not averaged.
+
+    Validation (including the sanity check), testing and prediction see the slow weights, and
+    ``checkpoint["state_dict"]`` holds them, so ``Model.load_from_checkpoint(path)`` gives the
+    deployable model without this callback. The fast weights and step counters ride along in the
+    checkpoint, so ``trainer.fit(..., ckpt_path=path)`` continues exactly. When ``fit`` ends the
+    module holds the slow weights.
+
+    Args:
+        k: optimizer steps between syncs (per optimizer), an int >= 1.
+        alpha: slow-weight step size in (0, 1]. ``k=1, alpha=1`` is plain training.
+        inner_state: what happens to the optimizer state at a sync: ``"keep"`` (the paper's),
+            ``"reset"`` (moments and step counts back to their initial values) or ``"pullback"``
+            (first moments interpolated like the weights). Supported for SGD, Adam, AdamW, NAdam, RAdam.
+        eval_weights: ``"slow"`` (default) or ``"fast"``: which weights validation sees during fit.
+        on_nonfinite: ``"warn"`` (once) or ``"raise"`` when the fast weights hold inf/nan at a
+            sync; the sync is skipped either way and the slow weights are never contaminated.
+        check_ranks_every: in multi-process runs, compare a checksum of the slow weights across
+            ranks every this many syncs (one collective) and raise on a mismatch; ``None`` never.
+        log_stats: log ``lookahead/syncs`` and ``lookahead/rel_distance``
+            (:math:`\|\theta-\phi\|/\|\phi\|` before the sync) on sync steps.
+
+    Example::
+
+        import lightning as L
+        from lightning_lookahead import LookaheadCallback
+
+        trainer = L.Trainer(max_epochs=10, callbacks=[LookaheadCallback(k=5, alpha=0.5)])
+        trainer.fit(model, datamodule=dm)        # validation runs on the slow weights
+        trainer.test(model, datamodule=dm)       # so does testing: the module holds them now
+    """
+
+    def __init__(
+        self,
+        k: int = 5,
+        alpha: float = 0.5,
+        inner_state: InnerState = "keep",
+        eval_weights: EvalWeights = "slow",
+        on_nonfinite: OnNonFinite = "warn",
+        check_ranks_every: int | None = None,
+        log_stats: bool = True,
+    ) -> None:
+        self.k = check_k(k)
+        self.alpha = check_alpha(alpha)
+        self.inner_state = inner_state
+        self.on_nonfinite = on_nonfinite
+        self.eval_weights: EvalWeights = check_choice("eval_weights", eval_weights, ("slow", "fast"))  # type: ignore[assignment]
+        self.check_ranks_every = check_optional_int("check_ranks_every", check_ranks_every)
+        if not isinstance(log_stats, bool):
+            raise ValueError(f"Lookahead `log_stats` must be a bool, got {log_stats!r}")
+        self.log_stats = log_stats
+        self.lookahead = self._new_core()  # also validates inner_state and on_nonfinite
+        self._pending: dict[str, Any] | None = None  # checkpoint tensors waiting for the optimizers
+        self._pending_state: dict[str, Any] | None = None
+        self._restored_without_state = False
+        self._eval_swapped = False  # we swapped the slow weights in for an evaluation loop
+        self._logged_syncs: dict[int, int] = {}
+        self._next_rank_check = self.check_ranks_every
+
+    def _new_core(self) -> Lookahead:
+        return Lookahead(self.k, self.alpha, self.inner_state, self.on_nonfinite)
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.lookahead.groups)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if sum(isinstance(c, LookaheadCallback) for c in trainer.callbacks) > 1:
+            raise ValueError("Only one LookaheadCallback can be used per Trainer.")
+        distributed_check_strategy(trainer)
+        if stage != "fit":
+            return
+        self.lookahead.detach()
+        self.lookahead = self._new_core()  # every fit starts from the module's current weights...
+        self._pending = self._pending_state = None  # ...unless a checkpoint is restored below
+        self._restored_without_state = False
+        self._eval_swapped = False
+        self._logged_syncs = {}
+        self._next_rank_check = self.check_ranks_every
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_weights_only:
+                rank_zero_warn(
+                    "ModelCheckpoint(save_weights_only=True) skips callback hooks, so its checkpoints hold"
+                    " the fast weights and cannot resume Lookahead; use save_weights_only=False."
+                )
+
+    def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Create the slow weights once the strategy has placed, wrapped and restored the model."""
+        if self.attached:
+            return
+        self.lookahead.attach(trainer.optimizers, pl_module)
+        if self._restored_without_state:
+            rank_zero_warn(
+                "Lookahead: the checkpoint was written without LookaheadCallback; starting with"
+                " slow = fast = the loaded weights."
+            )
+        if self._pending is not None:
+            self.lookahead.load_tensors(self._pending)
+        if self._pending_state is not None:
+            self.lookahead.load_state_dict(self._pending_state)
+        self._pending = self._pending_state = None
+
+    # ------------------------------------------------------------------ training
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._attach(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # Unpaired eval hooks (an exception caught elsewhere, a custom loop) must never leave
+        # the optimizer stepping the slow weights.
+        if self.lookahead.swapped:
+            self.lookahead.use_fast()
+            self._eval_swapped = False
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.log_stats:
+            self._log_syncs(pl_module)
+        if self._next_rank_check is not None and self.lookahead.syncs >= self._next_rank_check:
+            self._next_rank_check = self.lookahead.syncs + self.check_ranks_every  # type: ignore[operator]
+            replicated = [(n, t) for g in self.lookahead.groups for n, t, s in
+                          zip(g.names, g.slow_tensors().values(), g.sharded) if not s]
+            distributed.check_replicated([n for n, _ in replicated], [t for _, t in replicated])
+
+    def _log_syncs(self, pl_module: LightningModule) -> None:
+        stats = self.lookahead.last_stats
+        new = [i for i, s in stats.items() if self._logged_syncs.get(i) != id(s)]
+        if not new:
+            return  # non-sync step: nothing computed, nothing read from the device
+        multi = len(self.lookahead.groups) > 1
+        for i in new:
+            s = stats[i]
+            self._logged_syncs[i] = id(s)
+            rel = s.rel_distance
+            if any(self.lookahead.groups[i].sharded):  # shards: sum the squares over ranks first
+                both = distributed.all_reduce_sum(torch.stack([s.d_sq, s.phi_sq]))
+                rel = both[0].sqrt() / both[1].sqrt().clamp_min(1e-30)
+            suffix = f"/opt{i}" if multi else ""
+            pl_module.log(f"lookahead/rel_distance{suffix}", rel, on_step=True, on_epoch=False)
+        pl_module.log("lookahead/syncs", float(self.lookahead.syncs), on_step=True, on_epoch=False)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The deployable model: leave the slow weights in the module (the fast ones stay in the
+        # callback, so a later trainer.save_checkpoint still writes a resumable checkpoint).
+        self.lookahead.detach()
+        self.lookahead.use_slow()
+        self._eval_swapped = False
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._end_eval()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.lookahead.detach()
+
+    # ------------------------------------------------------------------ evaluation
+    def _begin_eval(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._attach(trainer, pl_module)  # the sanity check runs before on_train_start
+            if self.eval_weights == "fast":
+                return
+        if self.attached and self.lookahead.use_slow():
+            self._eval_swapped = True
+
+    def _end_eval(self) -> None:
+        if self._eval_swapped:
+            self.lookahead.use_fast()
+            self._eval_swapped = False
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_eval(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_eval()
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_eval(trainer, pl_module)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_eval()
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_eval(trainer, pl_module)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_eval()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return self.lookahead.state_dict() if self.attached else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        changed = {
+            name: state_dict[name]
+            for name in ("k", "alpha", "inner_state")
+            if name in state_dict and state_dict[name] != getattr(self, name)
+        }
+        if changed:
+            rank_zero_warn(
+                f"Lookahead: the checkpoint was saved with {changed}; continuing with"
+                f" k={self.k}, alpha={self.alpha}, inner_state={self.inner_state!r}."
+            )
+        self._pending_state = dict(state_dict)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if not self.attached:
+            return
+        tensors = self.lookahead.tensors()
+        state = checkpoint["state_dict"]
+        for key, name in _state_dict_aliases(pl_module).items():
+            if key in state and name in tensors["slow"]:
+                state[key] = _for_checkpoint(tensors["slow"][name], state[key])
+        checkpoint[CHECKPOINT_KEY] = {
+            "fast": {n: _for_checkpoint(t, state.get(n)) for n, t in tensors["fast"].items()},
+            "slow_moments": {n: t.detach() for n, t in tensors["slow_moments"].items()},
+        }
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn != "fit":
+            return  # evaluation: checkpoint["state_dict"] already holds the slow weights
+        entry = checkpoint.get(CHECKPOINT_KEY)
+        self._pending = {"fast": entry["fast"], "slow_moments": entry.get("slow_moments", {})} if entry else None
+        self._restored_without_state = entry is None
+
+
+def _state_dict_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """state_dict key -> canonical parameter name (tied weights appear under several keys)."""
+    canonical = {p: n for n, p in module.named_parameters()}
+    return {n: canonical[p] for n, p in module.named_parameters(remove_duplicate=False)}
+
+
+def _for_checkpoint(t: torch.Tensor, like: Any) -> torch.Tensor:
+    """A detached tensor laid out like the checkpoint's own entry (same device; DTensor if sharded)."""
+    out = t.detach()
+    if isinstance(like, torch.Tensor) and not distributed.is_sharded(like):
+        out = out.to(like.device)
+    return out
+
+
+def distributed_check_strategy(trainer: Trainer) -> None:
+    """Refuse strategies whose parameter layout we cannot serve correctly (never run silently wrong)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise ValueError(
+            f"LookaheadCallback does not support {type(trainer.strategy).__name__}: its flattened/partitioned"
+            " parameters do not match the module's parameter names. Use strategy='ddp' or"
+            " ModelParallelStrategy with torch.distributed.fsdp.fully_shard (FSDP2) in configure_model."
+        )

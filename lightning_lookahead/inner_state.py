@@ -1,0 +1,107 @@
+"""What happens to the inner optimizer's per-parameter state at a Lookahead sync.
+
+``keep`` (the paper's default) leaves it alone. ``reset`` restores each buffer to its value before
+the first step. ``pullback`` interpolates the first-moment buffer like the weights, against a slow
+copy that we own (never an alias of the live buffer, or every later pullback would be a no-op).
+An optimizer whose state we do not recognise gets a clear error, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.optim import SGD, Adam, AdamW, NAdam, Optimizer, RAdam
+
+from lightning_lookahead._grouping import group_by_device_dtype, group_indices_by_device_dtype
+
+InnerState = Literal["keep", "reset", "pullback"]
+INNER_STATES: tuple[str, ...] = ("keep", "reset", "pullback")
+
+# Per optimizer family: the first-moment key, and every state key with its "before first step" value.
+_ADAM_KEYS = {"step": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0, "max_exp_avg_sq": 0.0}
+_KNOWN: dict[type[Optimizer], tuple[str, dict[str, float]]] = {
+    SGD: ("momentum_buffer", {"momentum_buffer": 0.0}),
+    Adam: ("exp_avg", _ADAM_KEYS),
+    AdamW: ("exp_avg", _ADAM_KEYS),
+    NAdam: ("exp_avg", {**_ADAM_KEYS, "mu_product": 1.0}),
+    RAdam: ("exp_avg", _ADAM_KEYS),
+}
+
+
+def _family(optimizer: Optimizer) -> tuple[str, dict[str, float]]:
+    for cls in type(optimizer).__mro__:
+        if cls in _KNOWN:
+            return _KNOWN[cls]
+    supported = ", ".join(c.__name__ for c in _KNOWN)
+    raise ValueError(
+        f"inner_state='reset'/'pullback' does not know the state of {type(optimizer).__name__};"
+        f" supported: {supported}. Use inner_state='keep' for other optimizers."
+    )
+
+
+def check_supported(optimizer: Optimizer, policy: InnerState) -> None:
+    """Raise ``ValueError`` now (at attach time) rather than misbehave at the first sync."""
+    if policy != "keep":
+        _family(optimizer)
+
+
+def _states(
+    optimizer: Optimizer, named_params: Iterable[tuple[str, Tensor]], known: Mapping[str, float]
+) -> list[tuple[str, dict]]:
+    out = []
+    for name, p in named_params:
+        state = optimizer.state.get(p)
+        if not state:  # no step taken for this parameter yet: nothing to adjust
+            continue
+        unknown = set(state) - set(known)
+        if unknown:
+            raise ValueError(
+                f"{type(optimizer).__name__} holds state {sorted(unknown)} that inner_state cannot handle;"
+                " use inner_state='keep'."
+            )
+        out.append((name, state))
+    return out
+
+
+@torch.no_grad()
+def reset(optimizer: Optimizer, named_params: Iterable[tuple[str, Tensor]]) -> None:
+    """Set every per-parameter buffer (moments and step counts) back to its initial value."""
+    _, known = _family(optimizer)
+    by_value: dict[float, list[Tensor]] = {}
+    for _, state in _states(optimizer, named_params, known):
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                by_value.setdefault(known[key], []).append(value)
+            else:  # python-number step counters (older checkpoints, capturable=False paths)
+                state[key] = type(value)(known[key])
+    for value, tensors in by_value.items():
+        for group in group_by_device_dtype(tensors):
+            torch._foreach_zero_(group) if value == 0.0 else torch._foreach_fill_(group, value)  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def pullback(
+    optimizer: Optimizer, named_params: Iterable[tuple[str, Tensor]], slow: dict[str, Tensor], alpha: float
+) -> None:
+    """First moment m: ``m_slow <- m_slow + alpha (m - m_slow)``, then ``m <- m_slow``.
+
+    ``slow`` maps parameter name -> our own slow first moment; a parameter first seen here starts from
+    zeros (the buffer's value before any step). Second moments and step counts are kept.
+    """
+    key, known = _family(optimizer)
+    live, slows = [], []
+    for name, state in _states(optimizer, named_params, known):
+        m = state.get(key)
+        if m is None:  # e.g. SGD without momentum
+            continue
+        if name not in slow:
+            slow[name] = torch.zeros_like(m)
+        live.append(m)
+        slows.append(slow[name])
+    for idx in group_indices_by_device_dtype(live):
+        s, m = [slows[i] for i in idx], [live[i] for i in idx]
+        torch._foreach_lerp_(s, m, alpha)
+        torch._foreach_copy_(m, s)

@@ -1,0 +1,238 @@
+"""Lookahead for plain PyTorch optimizers: argument checks, per-optimizer step counting, syncs.
+
+This is the whole algorithm without Lightning; :class:`~lightning_lookahead.LookaheadCallback`
+only maps Trainer hooks onto it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_lookahead import inner_state as inner
+from lightning_lookahead.inner_state import INNER_STATES, InnerState
+from lightning_lookahead.slow_weights import SlowWeights, SyncStats
+
+OnNonFinite = Literal["warn", "raise"]
+ON_NONFINITE: tuple[str, ...] = ("warn", "raise")
+
+
+class NonFiniteError(FloatingPointError):
+    """The fast weights held inf/nan at a sync and ``on_nonfinite="raise"`` was chosen."""
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"Lookahead `k` must be an int >= 1 (optimizer steps per sync), got {k!r}")
+    return int(k)
+
+
+def check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or not 0 < alpha <= 1:
+        raise ValueError(f"Lookahead `alpha` must be a finite float in (0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"Lookahead `{name}` must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def check_optional_int(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"Lookahead `{name}` must be None or an int >= 1, got {value!r}")
+    return int(value)
+
+
+class Lookahead:
+    """Lookahead (Zhang et al., 2019) around unmodified ``torch.optim`` optimizers.
+
+    Counts each optimizer's *real* steps with a step post-hook (a step skipped by
+    ``torch.amp.GradScaler`` never calls ``optimizer.step`` and so never counts), and after every
+    ``k``-th step of an optimizer syncs that optimizer's parameters:
+    ``phi <- phi + alpha (theta - phi); theta <- phi``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> la = Lookahead(k=2, alpha=0.5)
+        >>> la.attach([opt], model)
+        >>> for _ in range(4):
+        ...     opt.zero_grad()
+        ...     model(torch.ones(1, 4)).sum().backward()
+        ...     opt.step()
+        >>> la.syncs
+        2
+        >>> la.detach()
+    """
+
+    def __init__(
+        self,
+        k: int = 5,
+        alpha: float = 0.5,
+        inner_state: InnerState = "keep",
+        on_nonfinite: OnNonFinite = "warn",
+    ) -> None:
+        self.k = check_k(k)
+        self.alpha = check_alpha(alpha)
+        self.inner_state: InnerState = check_choice("inner_state", inner_state, INNER_STATES)  # type: ignore[assignment]
+        self.on_nonfinite: OnNonFinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)  # type: ignore[assignment]
+        self.groups: list[SlowWeights] = []
+        self.optimizers: list[Optimizer] = []
+        self.steps: list[int] = []  # real optimizer steps per optimizer
+        self.syncs = 0  # syncs applied, all optimizers
+        self.skipped = 0  # syncs skipped for non-finite fast weights
+        self.slow_moments: list[dict[str, Tensor]] = []  # pullback's slow first moments
+        self.last_stats: dict[int, SyncStats] = {}  # optimizer index -> stats of its latest sync
+        self._handles: list[RemovableHandle] = []
+        self._warned_nonfinite = False
+
+    # ------------------------------------------------------------ attach
+    def attach(self, optimizers: Sequence[Optimizer], module: nn.Module) -> None:
+        """Create slow weights for every trainable parameter of ``optimizers`` and start counting.
+
+        Parameters are named as in ``module.named_parameters()``; each optimizer gets its own
+        step counter and slow-weight group.
+        """
+        self.detach()
+        names = {p: n for n, p in module.named_parameters()}
+        owner: dict[Tensor, int] = {}
+        self.groups, self.optimizers = [], list(optimizers)
+        for i, opt in enumerate(self.optimizers):
+            inner.check_supported(opt, self.inner_state)
+            named = []
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if not p.requires_grad:
+                        continue
+                    if p in owner:
+                        if owner[p] == i:
+                            continue
+                        raise ValueError(
+                            f"Parameter {names.get(p, '?')!r} is in optimizers {owner[p]} and {i};"
+                            " Lookahead needs each parameter updated by one optimizer."
+                        )
+                    if p not in names:
+                        raise ValueError(
+                            f"Optimizer {i} ({type(opt).__name__}) updates a tensor of shape {tuple(p.shape)}"
+                            " that is not a parameter of the module; Lookahead matches tensors by parameter name."
+                        )
+                    owner[p] = i
+                    named.append((names[p], p))
+            self.groups.append(SlowWeights(named))
+        self.steps = [0] * len(self.optimizers)
+        self.slow_moments = [{} for _ in self.optimizers]
+        self.last_stats = {}
+        self._handles = [opt.register_step_post_hook(self._make_hook(i)) for i, opt in enumerate(self.optimizers)]
+
+    def detach(self) -> None:
+        """Stop counting steps (the slow weights are kept)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _make_hook(self, index: int):
+        def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+            self.steps[index] += 1
+            if self.steps[index] % self.k == 0:  # O(1) python on every other step, no tensor work
+                self.sync(index)
+
+        return hook
+
+    # ------------------------------------------------------------ sync
+    def sync(self, index: int) -> bool:
+        """Sync optimizer ``index``'s parameters now; returns whether the sync was applied."""
+        group = self.groups[index]
+        stats = group.sync(self.alpha)
+        self.last_stats[index] = stats
+        if not stats.applied:
+            self.skipped += 1
+            msg = (
+                f"Lookahead: the fast weights of optimizer {index} hold inf/nan at step {self.steps[index]};"
+                " this sync was skipped and the slow weights were kept."
+            )
+            if self.on_nonfinite == "raise":
+                raise NonFiniteError(msg)
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(msg + " (warned once)", RuntimeWarning, stacklevel=2)
+            return False
+        self.syncs += 1
+        if self.inner_state == "reset":
+            inner.reset(self.optimizers[index], zip(group.names, group.params))
+        elif self.inner_state == "pullback":
+            inner.pullback(self.optimizers[index], zip(group.names, group.params), self.slow_moments[index], self.alpha)
+        return True
+
+    # ------------------------------------------------------------ eval swap
+    @property
+    def swapped(self) -> bool:
+        """True while the parameters hold the slow weights (evaluation, or after training)."""
+        return any(g.swapped for g in self.groups)
+
+    def use_slow(self) -> bool:
+        """Put the slow weights into the parameters; returns False if they already were there."""
+        return self._set_swapped(True)
+
+    def use_fast(self) -> bool:
+        """Put the fast weights back; returns False if they already were there."""
+        return self._set_swapped(False)
+
+    def _set_swapped(self, value: bool) -> bool:
+        changed = False
+        for g in self.groups:
+            if g.swapped != value:
+                g.swap()
+                changed = True
+        return changed
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Small, picklable state: numbers and strings only (tensors: :meth:`tensors`)."""
+        return {
+            "k": self.k,
+            "alpha": self.alpha,
+            "inner_state": self.inner_state,
+            "steps": list(self.steps),
+            "syncs": self.syncs,
+            "skipped": self.skipped,
+        }
+
+    def tensors(self) -> dict[str, dict[str, Tensor]]:
+        """Name -> tensor maps for ``fast``, ``slow`` and pullback's ``slow_moments`` (live, not copies)."""
+        fast: dict[str, Tensor] = {}
+        slow: dict[str, Tensor] = {}
+        moments: dict[str, Tensor] = {}
+        for g, m in zip(self.groups, self.slow_moments):
+            fast.update(g.fast_tensors())
+            slow.update(g.slow_tensors())
+            moments.update(m)
+        return {"fast": fast, "slow": slow, "slow_moments": moments}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        steps = list(state["steps"])
+        if len(steps) != len(self.groups):
+            raise ValueError(f"Lookahead state has {len(steps)} optimizers, this run has {len(self.groups)}")
+        self.steps = steps
+        self.syncs = int(state["syncs"])
+        self.skipped = int(state.get("skipped", 0))
+
+    def load_tensors(self, tensors: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Inverse of :meth:`tensors`; values are copied into our storage (any device)."""
+        for g, moments in zip(self.groups, self.slow_moments):
+            g.load(dict(tensors["fast"]), dict(tensors["slow"]))
+            moments.clear()
+            for name in g.names:
+                if name in tensors.get("slow_moments", {}):
+                    moments[name] = tensors["slow_moments"][name].to(g.params[g.names.index(name)].device).clone()

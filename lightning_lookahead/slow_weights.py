@@ -1,0 +1,148 @@
+"""The slow weights of one optimizer's parameters: the sync, the eval swap, and their tensors.
+
+Tensor work is one ``torch._foreach_*`` call per (device, dtype) bucket under ``no_grad``; nothing
+here runs on non-sync steps. Sharded (DTensor) parameters are handled through their local shards,
+so the slow copy is itself a shard and the sync needs no communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_lookahead._grouping import group_indices_by_device_dtype
+from lightning_lookahead.distributed import is_sharded, local
+
+
+class SlowWeights:
+    """Slow copy ``phi`` of a list of named parameters ``theta``.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(3))
+        >>> sw = SlowWeights([("w", p)])
+        >>> with torch.no_grad():
+        ...     _ = p.add_(1.0)  # the inner optimizer moves the fast weights
+        >>> sw.sync(alpha=0.5).applied
+        True
+        >>> p.tolist(), sw.slow_tensors()["w"].tolist()
+        ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    """
+
+    def __init__(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        # Our own storage, never an alias: clone() keeps strides so a pointer swap is shape-exact.
+        self.stash = [local(p).detach().clone() for p in self.params]
+        self.swapped = False  # True: params hold phi and ``stash`` holds theta
+        locals_ = [local(p) for p in self.params]
+        self.buckets = group_indices_by_device_dtype(locals_)
+        self.sharded = [is_sharded(p) for p in self.params]
+
+    # ---------------------------------------------------------------- views
+    def _fast(self, idx: list[int]) -> list[Tensor]:
+        # Resolved each time: FSDP2 may re-point a parameter's local shard after lazy init.
+        return [local(self.params[i]) for i in idx]
+
+    def fast_tensors(self) -> dict[str, Tensor]:
+        """Name -> the fast weights (local shards for sharded parameters), whatever the swap state."""
+        src = self.stash if self.swapped else [local(p) for p in self.params]
+        return dict(zip(self.names, src))
+
+    def slow_tensors(self) -> dict[str, Tensor]:
+        """Name -> the slow weights (local shards for sharded parameters), whatever the swap state."""
+        src = [local(p) for p in self.params] if self.swapped else self.stash
+        return dict(zip(self.names, src))
+
+    # ---------------------------------------------------------------- sync
+    @torch.no_grad()
+    def sync(self, alpha: float) -> SyncStats:
+        """``phi <- phi + alpha (theta - phi); theta <- phi`` unless theta holds inf/nan.
+
+        One host sync per call (the finiteness decision). Traffic per bucket, in parameter
+        bytes: 10x for alpha < 1 (d = theta - phi in place, two norms, phi += alpha d, copy),
+        7x for alpha = 1 (which must leave theta bit-exact).
+        """
+        assert not self.swapped, "sync while the slow weights are swapped in"
+        exact = alpha == 1.0
+        checks, phi_sq = [], []
+        for idx in self.buckets:
+            theta, phi = self._fast(idx), [self.stash[i] for i in idx]
+            if not exact:
+                torch._foreach_sub_(theta, phi)  # theta := d in place; it is overwritten below
+            checks.append(_sq_norm(theta))  # finite iff theta is finite (d, or theta itself)
+            phi_sq.append(_sq_norm(phi))
+        ok = bool(torch.isfinite(_total(checks)))  # the one host sync of a sync step
+        d_sq = [] if exact and ok else checks
+        for idx in self.buckets:
+            theta, phi = self._fast(idx), [self.stash[i] for i in idx]
+            if not ok:
+                if not exact:
+                    torch._foreach_add_(theta, phi)  # undo d := theta - phi (exact up to rounding)
+            elif exact:
+                torch._foreach_sub_(phi, theta)  # -d, only for the logged distance
+                d_sq.append(_sq_norm(phi))
+                torch._foreach_copy_(phi, theta)  # phi <- theta exactly, theta untouched
+            else:
+                torch._foreach_add_(phi, theta, alpha=alpha)  # phi + alpha (theta - phi)
+                torch._foreach_copy_(theta, phi)
+        total_d, total_phi = _total(d_sq), _total(phi_sq)
+        rel = total_d.sqrt() / total_phi.sqrt().clamp_min(1e-30)
+        return SyncStats(applied=ok, rel_distance=rel, d_sq=total_d, phi_sq=total_phi)
+
+    # ---------------------------------------------------------------- swap
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange fast and slow weights in the parameters, bit-exactly.
+
+        Unsharded parameters swap storage pointers (no copy, no extra memory). Sharded ones are
+        read by FSDP from their shard storage, so their values are exchanged in place through one
+        scratch buffer the size of the largest shard.
+        """
+        scratch: Tensor | None = None
+        for i, p in enumerate(self.params):
+            if self.sharded[i]:
+                shard = local(p)
+                if scratch is None or scratch.numel() < shard.numel() or scratch.dtype != shard.dtype:
+                    scratch = torch.empty(shard.numel(), dtype=shard.dtype, device=shard.device)
+                tmp = scratch[: shard.numel()].view_as(shard)
+                tmp.copy_(shard)
+                shard.copy_(self.stash[i])
+                self.stash[i].copy_(tmp)
+            else:
+                p.data, self.stash[i] = self.stash[i], p.data
+        self.swapped = not self.swapped
+
+    # ---------------------------------------------------------------- restore
+    @torch.no_grad()
+    def load(self, fast: dict[str, Tensor], slow: dict[str, Tensor]) -> None:
+        """Overwrite theta and phi from name -> tensor maps (e.g. a checkpoint), moving devices."""
+        assert not self.swapped
+        missing = [n for n in self.names if n not in fast or n not in slow]
+        if missing:
+            raise KeyError(f"Lookahead state lacks tensors for parameters {missing[:5]}")
+        for i, name in enumerate(self.names):
+            local(self.params[i]).copy_(local(fast[name]))
+            self.stash[i].copy_(local(slow[name]))
+
+
+def _sq_norm(tensors: list[Tensor]) -> Tensor:
+    """Sum of squares over a bucket, as a float32 scalar on its device (no host sync)."""
+    return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
+
+
+def _total(parts: list[Tensor]) -> Tensor:
+    return torch.stack([p.to(parts[0].device) for p in parts]).sum()
+
+
+class SyncStats:
+    """Outcome of one sync. Tensors stay on device: reading them is the caller's choice."""
+
+    __slots__ = ("applied", "rel_distance", "d_sq", "phi_sq")
+
+    def __init__(self, applied: bool, rel_distance: Tensor, d_sq: Tensor, phi_sq: Tensor) -> None:
+        self.applied = applied
+        self.rel_distance = rel_distance  # ||theta - phi|| / ||phi|| before the sync (this rank's part)
+        self.d_sq = d_sq
+        self.phi_sq = phi_sq
