@@ -86,7 +86,6 @@ class LookaheadCallback(Callback):
         self.lookahead = self._new_core()  # also validates inner_state and on_nonfinite
         self._pending: dict[str, Any] | None = None  # checkpoint tensors waiting for the optimizers
         self._pending_state: dict[str, Any] | None = None
-        self._restored_without_state = False
         self._eval_swapped = False  # we swapped the slow weights in for an evaluation loop
         self._logged_syncs: dict[int, int] = {}
         self._next_rank_check = self.check_ranks_every
@@ -108,7 +107,6 @@ class LookaheadCallback(Callback):
         self.lookahead.detach()
         self.lookahead = self._new_core()  # every fit starts from the module's current weights...
         self._pending = self._pending_state = None  # ...unless a checkpoint is restored below
-        self._restored_without_state = False
         self._eval_swapped = False
         self._logged_syncs = {}
         self._next_rank_check = self.check_ranks_every
@@ -123,12 +121,7 @@ class LookaheadCallback(Callback):
         """Create the slow weights once the strategy has placed, wrapped and restored the model."""
         if self.attached:
             return
-        self.lookahead.attach(trainer.optimizers, pl_module)
-        if self._restored_without_state:
-            rank_zero_warn(
-                "Lookahead: the checkpoint was written without LookaheadCallback; starting with"
-                " slow = fast = the loaded weights."
-            )
+        self.lookahead.attach(trainer.optimizers, pl_module)  # phi := current (maybe restored) weights
         if self._pending is not None:
             self.lookahead.load_tensors(self._pending)
         if self._pending_state is not None:
@@ -256,7 +249,11 @@ class LookaheadCallback(Callback):
             return  # evaluation: checkpoint["state_dict"] already holds the slow weights
         entry = checkpoint.get(CHECKPOINT_KEY)
         self._pending = {"fast": entry["fast"], "slow_moments": entry.get("slow_moments", {})} if entry else None
-        self._restored_without_state = entry is None
+        if entry is None:
+            rank_zero_warn(
+                "Lookahead: the checkpoint was written without LookaheadCallback; starting with"
+                " slow = fast = the loaded weights."
+            )
 
 
 def _state_dict_aliases(module: torch.nn.Module) -> dict[str, str]:

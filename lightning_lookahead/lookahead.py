@@ -229,10 +229,12 @@ class Lookahead:
         self.skipped = int(state.get("skipped", 0))
 
     def load_tensors(self, tensors: Mapping[str, Mapping[str, Tensor]]) -> None:
-        """Inverse of :meth:`tensors`; values are copied into our storage (any device)."""
+        """Restore after :meth:`attach`: the parameters already hold the slow weights (loaded from
+        ``state_dict``), so ``phi`` is right; copy in the ``fast`` weights and pullback's moments."""
+        saved_moments = tensors.get("slow_moments", {})
         for g, moments in zip(self.groups, self.slow_moments):
-            g.load(dict(tensors["fast"]), dict(tensors["slow"]))
+            g.load_fast(dict(tensors["fast"]))
             moments.clear()
-            for name in g.names:
-                if name in tensors.get("slow_moments", {}):
-                    moments[name] = tensors["slow_moments"][name].to(g.params[g.names.index(name)].device).clone()
+            for name, p in zip(g.names, g.params):
+                if name in saved_moments:
+                    moments[name] = saved_moments[name].to(p.device).clone()

@@ -116,15 +116,14 @@ class SlowWeights:
 
     # ---------------------------------------------------------------- restore
     @torch.no_grad()
-    def load(self, fast: dict[str, Tensor], slow: dict[str, Tensor]) -> None:
-        """Overwrite theta and phi from name -> tensor maps (e.g. a checkpoint), moving devices."""
+    def load_fast(self, fast: dict[str, Tensor]) -> None:
+        """Overwrite theta from a name -> tensor map (e.g. a checkpoint), moving devices."""
         assert not self.swapped
-        missing = [n for n in self.names if n not in fast or n not in slow]
+        missing = [n for n in self.names if n not in fast]
         if missing:
-            raise KeyError(f"Lookahead state lacks tensors for parameters {missing[:5]}")
+            raise KeyError(f"Lookahead checkpoint lacks fast weights for parameters {missing[:5]}")
         for i, name in enumerate(self.names):
             local(self.params[i]).copy_(local(fast[name]))
-            self.stash[i].copy_(local(slow[name]))
 
 
 def _sq_norm(tensors: list[Tensor]) -> Tensor:
