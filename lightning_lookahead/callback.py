@@ -87,7 +87,7 @@ class LookaheadCallback(Callback):
         self._pending: dict[str, Any] | None = None  # checkpoint tensors waiting for the optimizers
         self._pending_state: dict[str, Any] | None = None
         self._eval_swapped = False  # we swapped the slow weights in for an evaluation loop
-        self._logged_syncs: dict[int, int] = {}
+        self._logged_syncs: dict[int, object] = {}
         self._next_rank_check = self.check_ranks_every
 
     def _new_core(self) -> Lookahead:
@@ -143,29 +143,33 @@ class LookaheadCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.log_stats:
-            self._log_syncs(pl_module)
+            self._log_syncs(trainer)
         if self._next_rank_check is not None and self.lookahead.syncs >= self._next_rank_check:
             self._next_rank_check = self.lookahead.syncs + self.check_ranks_every  # type: ignore[operator]
             replicated = [(n, t) for g in self.lookahead.groups for n, t, s in
                           zip(g.names, g.slow_tensors().values(), g.sharded) if not s]
             distributed.check_replicated([n for n, _ in replicated], [t for _, t in replicated])
 
-    def _log_syncs(self, pl_module: LightningModule) -> None:
+    def _log_syncs(self, trainer: Trainer) -> None:
+        # Straight to the loggers, not LightningModule.log: Lightning re-logs a step metric's last
+        # value on every later step of the epoch, which would fake syncs that did not happen.
         stats = self.lookahead.last_stats
-        new = [i for i, s in stats.items() if self._logged_syncs.get(i) != id(s)]
+        new = [i for i, s in stats.items() if self._logged_syncs.get(i) is not s]
         if not new:
             return  # non-sync step: nothing computed, nothing read from the device
         multi = len(self.lookahead.groups) > 1
+        metrics: dict[str, float] = {"lookahead/syncs": float(self.lookahead.syncs)}
         for i in new:
             s = stats[i]
-            self._logged_syncs[i] = id(s)
+            self._logged_syncs[i] = s
             rel = s.rel_distance
             if any(self.lookahead.groups[i].sharded):  # shards: sum the squares over ranks first
                 both = distributed.all_reduce_sum(torch.stack([s.d_sq, s.phi_sq]))
                 rel = both[0].sqrt() / both[1].sqrt().clamp_min(1e-30)
-            suffix = f"/opt{i}" if multi else ""
-            pl_module.log(f"lookahead/rel_distance{suffix}", rel, on_step=True, on_epoch=False)
-        pl_module.log("lookahead/syncs", float(self.lookahead.syncs), on_step=True, on_epoch=False)
+            metrics[f"lookahead/rel_distance{f'/opt{i}' if multi else ''}"] = float(rel)  # host sync: sync steps only
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The deployable model: leave the slow weights in the module (the fast ones stay in the
