@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_lookahead import distributed
+from lightning_lookahead import distributed, inner_state
 from lightning_lookahead.inner_state import InnerState
 from lightning_lookahead.lookahead import (
     Lookahead,
@@ -22,6 +22,8 @@ from lightning_lookahead.lookahead import (
 
 EvalWeights = Literal["slow", "fast"]
 CHECKPOINT_KEY = "lookahead"  # top-level checkpoint entry with the fast weights (not the callback state)
+FAST_PREFIX = "_lookahead_fast."  # distributed checkpoints: our shards live in state_dict under these
+MOMENT_PREFIX = "_lookahead_slow_moment."
 
 
 class LookaheadCallback(Callback):
@@ -123,6 +125,8 @@ class LookaheadCallback(Callback):
             return
         self.lookahead.attach(trainer.optimizers, pl_module)  # phi := current (maybe restored) weights
         if self._pending is not None:
+            if "sharded_path" in self._pending:
+                self._pending = self._load_sharded(self._pending["sharded_path"])
             self.lookahead.load_tensors(self._pending)
         if self._pending_state is not None:
             self.lookahead.load_state_dict(self._pending_state)
@@ -236,28 +240,71 @@ class LookaheadCallback(Callback):
         self._pending_state = dict(state_dict)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """``state_dict`` gets the slow weights; the fast weights and pullback's moments ride along.
+
+        Three layouts, following the strategy's own: plain tensors (single process, DDP); DTensor
+        shards in a distributed checkpoint (ours go into ``state_dict`` under a prefix, so every
+        rank writes its own shards); full tensors gathered from shards (a collective, all ranks).
+        """
         if not self.attached:
             return
         tensors = self.lookahead.tensors()
+        params = dict(pl_module.named_parameters())
         state = checkpoint["state_dict"]
+        sharded_file = any(distributed.is_sharded(v) for v in state.values())
+        gather = any(distributed.is_sharded(p) for p in params.values()) and not sharded_file
+
+        def out(name: str, t: torch.Tensor) -> torch.Tensor:
+            p = params[name]
+            if sharded_file:
+                return distributed.like(p, t.detach())
+            if gather:
+                return distributed.full(p, t.detach()).cpu()
+            return t.detach()
+
         for key, name in _state_dict_aliases(pl_module).items():
-            if key in state and name in tensors["slow"]:
-                state[key] = _for_checkpoint(tensors["slow"][name], state[key])
-        checkpoint[CHECKPOINT_KEY] = {
-            "fast": {n: _for_checkpoint(t, state.get(n)) for n, t in tensors["fast"].items()},
-            "slow_moments": {n: t.detach() for n, t in tensors["slow_moments"].items()},
-        }
+            if name in tensors["slow"] and (key in state or gather):
+                slow = out(name, tensors["slow"][name])
+                if key in state:  # a gathered state_dict is empty on ranks > 0
+                    state[key] = slow.to(state[key].device) if not sharded_file else slow
+        fast = {n: out(n, t) for n, t in tensors["fast"].items()}
+        moments = {n: (t.full_tensor().cpu() if gather and distributed.is_sharded(t) else t.detach())
+                   for n, t in tensors["slow_moments"].items()}
+        if sharded_file:
+            state.update({f"{FAST_PREFIX}{n}": t for n, t in fast.items()})
+            state.update({f"{MOMENT_PREFIX}{n}": t for n, t in moments.items()})
+            checkpoint[CHECKPOINT_KEY] = {"layout": "sharded"}
+        else:
+            checkpoint[CHECKPOINT_KEY] = {"fast": fast, "slow_moments": moments}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn != "fit":
             return  # evaluation: checkpoint["state_dict"] already holds the slow weights
         entry = checkpoint.get(CHECKPOINT_KEY)
-        self._pending = {"fast": entry["fast"], "slow_moments": entry.get("slow_moments", {})} if entry else None
         if entry is None:
             rank_zero_warn(
                 "Lookahead: the checkpoint was written without LookaheadCallback; starting with"
                 " slow = fast = the loaded weights."
             )
+        elif entry.get("layout") == "sharded":
+            self._pending = {"sharded_path": str(trainer.ckpt_path)}
+        else:
+            self._pending = {"fast": entry["fast"], "slow_moments": entry.get("slow_moments", {})}
+
+    def _load_sharded(self, path: str) -> dict[str, Any]:
+        """Read our shards from a distributed checkpoint directory (every rank reads its own)."""
+        fast_t, moment_t = {}, {}
+        for g, opt in zip(self.lookahead.groups, self.lookahead.optimizers):
+            for name, p in zip(g.names, g.params):
+                fast_t[f"{FAST_PREFIX}{name}"] = distributed.like(p, torch.empty_like(distributed.local(p)))
+                live = inner_state.first_moment(opt, p) if self.inner_state == "pullback" else None
+                if live is not None:
+                    moment_t[f"{MOMENT_PREFIX}{name}"] = torch.empty_like(live)
+        loaded = distributed.load_sharded(path, {**fast_t, **moment_t})
+        return {
+            "fast": {k.removeprefix(FAST_PREFIX): v for k, v in loaded.items() if k.startswith(FAST_PREFIX)},
+            "slow_moments": {k.removeprefix(MOMENT_PREFIX): v for k, v in loaded.items() if k.startswith(MOMENT_PREFIX)},
+        }
 
 
 def _state_dict_aliases(module: torch.nn.Module) -> dict[str, str]:

@@ -41,6 +41,43 @@ def like(template: Tensor, local_tensor: Tensor) -> Tensor:
     )
 
 
+def full(param: Tensor, local_tensor: Tensor) -> Tensor:
+    """The whole tensor behind ``local_tensor`` (a collective for a sharded ``param``: call on all ranks)."""
+    return like(param, local_tensor).full_tensor() if is_sharded(param) else local_tensor
+
+
+def local_from_saved(param: Tensor, saved: Tensor) -> Tensor:
+    """This rank's part of a saved tensor for ``param``: a DTensor's own shard, or a full tensor
+    re-sharded like ``param`` (a collective for sharded parameters: call on all ranks)."""
+    if is_sharded(saved):
+        return saved.to_local()
+    if is_sharded(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(saved.to(local(param).device), param.device_mesh, param.placements).to_local()
+    return saved
+
+
+def reshard_like(template: Tensor, saved: Tensor) -> Tensor:
+    """``saved`` laid out like ``template``: a DTensor with its placements if ``template`` is one."""
+    if is_sharded(template) and not is_sharded(saved):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(saved.to(local(template).device), template.device_mesh, template.placements)
+    return saved.to(local(template).device)
+
+
+def load_sharded(path: str, templates: dict[str, Tensor], prefix: str = "state_dict") -> dict[str, Tensor]:
+    """Load the entries of ``templates`` (DTensors) that exist in a distributed checkpoint directory."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    wanted = {k: v for k, v in templates.items() if f"{prefix}.{k}" in saved}
+    if wanted:
+        dcp.load({prefix: wanted}, checkpoint_id=path)
+    return wanted
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

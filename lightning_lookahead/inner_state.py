@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, NAdam, Optimizer, RAdam
 
+from lightning_lookahead.distributed import local
 from lightning_lookahead._grouping import group_by_device_dtype, group_indices_by_device_dtype
 
 InnerState = Literal["keep", "reset", "pullback"]
@@ -66,6 +67,12 @@ def _states(
     return out
 
 
+def first_moment(optimizer: Optimizer, param: Tensor) -> Tensor | None:
+    """The live first-moment buffer of ``param`` (None before its first step or without momentum)."""
+    key, _ = _family(optimizer)
+    return optimizer.state.get(param, {}).get(key)
+
+
 @torch.no_grad()
 def reset(optimizer: Optimizer, named_params: Iterable[tuple[str, Tensor]]) -> None:
     """Set every per-parameter buffer (moments and step counts) back to its initial value."""
@@ -78,6 +85,7 @@ def reset(optimizer: Optimizer, named_params: Iterable[tuple[str, Tensor]]) -> N
             else:  # python-number step counters (older checkpoints, capturable=False paths)
                 state[key] = type(value)(known[key])
     for value, tensors in by_value.items():
+        tensors = [local(t) for t in tensors]
         for group in group_by_device_dtype(tensors):
             torch._foreach_zero_(group) if value == 0.0 else torch._foreach_fill_(group, value)  # type: ignore[attr-defined]
 
@@ -101,6 +109,7 @@ def pullback(
             slow[name] = torch.zeros_like(m)
         live.append(m)
         slows.append(slow[name])
+    live, slows = [local(t) for t in live], [local(t) for t in slows]  # shards: the update is elementwise
     for idx in group_indices_by_device_dtype(live):
         s, m = [slows[i] for i in idx], [live[i] for i in idx]
         torch._foreach_lerp_(s, m, alpha)

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_lookahead import inner_state as inner
+from lightning_lookahead.distributed import reshard_like
 from lightning_lookahead.inner_state import INNER_STATES, InnerState
 from lightning_lookahead.slow_weights import SlowWeights, SyncStats
 
@@ -232,9 +233,10 @@ class Lookahead:
         """Restore after :meth:`attach`: the parameters already hold the slow weights (loaded from
         ``state_dict``), so ``phi`` is right; copy in the ``fast`` weights and pullback's moments."""
         saved_moments = tensors.get("slow_moments", {})
-        for g, moments in zip(self.groups, self.slow_moments):
+        for g, opt, moments in zip(self.groups, self.optimizers, self.slow_moments):
             g.load_fast(dict(tensors["fast"]))
             moments.clear()
             for name, p in zip(g.names, g.params):
-                if name in saved_moments:
-                    moments[name] = saved_moments[name].to(p.device).clone()
+                live = inner.first_moment(opt, p) if name in saved_moments else None
+                if live is not None:  # our slow moment takes the live buffer's layout (device, shards)
+                    moments[name] = reshard_like(live, saved_moments[name]).clone()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_lookahead._grouping import group_indices_by_device_dtype
-from lightning_lookahead.distributed import is_sharded, local
+from lightning_lookahead.distributed import is_sharded, local, local_from_saved
 
 
 class SlowWeights:
@@ -123,7 +123,7 @@ class SlowWeights:
         if missing:
             raise KeyError(f"Lookahead checkpoint lacks fast weights for parameters {missing[:5]}")
         for i, name in enumerate(self.names):
-            local(self.params[i]).copy_(local(fast[name]))
+            local(self.params[i]).copy_(local_from_saved(self.params[i], fast[name]))
 
 
 def _sq_norm(tensors: list[Tensor]) -> Tensor:

@@ -74,8 +74,8 @@ class RegressionModule(L.LightningModule):
         return make_optimizer(self.hparams.opt, self.parameters(), self.hparams.lr)
 
 
-def loader(seed: int = 0) -> DataLoader:
-    return DataLoader(make_data(seed), batch_size=BATCH, shuffle=False)
+def loader(seed: int = 0, batch_size: int = BATCH) -> DataLoader:
+    return DataLoader(make_data(seed), batch_size=batch_size, shuffle=False)
 
 
 def trainer(**kwargs) -> L.Trainer:
@@ -109,6 +109,7 @@ def reference_lookahead(
     inner_state: str = "keep",
     lr: float | None = None,
     seed: int = 0,
+    batch_size: int = BATCH,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The paper's Algorithm 1, written plainly: returns (fast, slow) parameters after n_batches
     batches of the shuffle-free loader, cycling epochs, with Lightning's accumulation semantics
@@ -119,7 +120,7 @@ def reference_lookahead(
     slow = [p.detach().clone() for p in params]
     slow_m: dict[int, torch.Tensor] = {}
     first_moment = "momentum_buffer" if opt == "sgd" else "exp_avg"
-    batches = list(loader(seed))
+    batches = list(loader(seed, batch_size))
     steps = 0
     for b in range(n_batches):
         i = b % len(batches)

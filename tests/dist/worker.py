@@ -1,0 +1,181 @@
+"""A 2-process Lightning run with LookaheadCallback, launched by tests/test_distributed.py.
+
+Each rank writes ``OUT/rank{r}.pt``: its slow and fast tensors (local shards under FSDP2), the
+parameters seen at the start of every validation, and the step counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import make_data, make_net  # noqa: E402
+
+from lightning_lookahead import LookaheadCallback  # noqa: E402
+from lightning_lookahead.distributed import local  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+class Module(L.LightningModule):
+    def __init__(self, fsdp2: bool = False, opt: str = "sgd") -> None:
+        super().__init__()
+        self.net = make_net(0)
+        self.fsdp2, self.opt = fsdp2, opt
+        self.val_snapshots: list[dict[str, torch.Tensor]] = []
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.fsdp2 and not isinstance(self.net, FSDPModule):  # configure_model runs per trainer call
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=self.device_mesh["data_parallel"])
+            fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.val_snapshots.append({n: local(p).detach().clone() for n, p in self.named_parameters()})
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y), sync_dist=True)
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        if self.opt == "adam":
+            return torch.optim.Adam(self.parameters(), lr=0.02)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class Perturb(Callback):
+    """Corrupts one rank's slow weights, to show that check_ranks_every catches it."""
+
+    def __init__(self, cb: LookaheadCallback, rank: int) -> None:
+        self.cb, self.rank = cb, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == self.rank and self.cb.lookahead.syncs == 1:
+            with torch.no_grad():
+                slow = self.cb.lookahead.groups[0].stash
+                slow[-1].add_(1e-3)  # the last parameter: net.2.bias
+
+
+def _loader(data, rank: int | None) -> torch.utils.data.DataLoader:
+    from torch.utils.data import DistributedSampler
+
+    if rank is None:  # ddp_spawn: the rank is only known inside the spawned process
+        return _SpawnLoader(data)
+    return torch.utils.data.DataLoader(data, batch_size=8, sampler=DistributedSampler(data, 2, rank, shuffle=False))
+
+
+class _SpawnLoader:
+    """Resolves its rank when iterated (inside the spawned worker)."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def _inner(self):
+        import torch.distributed as dist
+
+        return _loader(self.data, dist.get_rank())
+
+    def __iter__(self):
+        return iter(self._inner())
+
+    def __len__(self) -> int:
+        return len(self.data) // 16
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn", "fsdp2"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--ckpt-dir", default=None, help="save a checkpoint at every epoch end here")
+    ap.add_argument("--perturb-rank", type=int, default=None)
+    ap.add_argument("--check-every", type=int, default=None)
+    ap.add_argument("--inner", default="keep")
+    ap.add_argument("--opt", default="sgd")
+    ap.add_argument("--no-validate", action="store_true", help="skip trainer.validate after fit")
+    ap.add_argument("--full-ckpt", action="store_true", help="FSDP2: single-file (full) checkpoints")
+    args = ap.parse_args()
+
+    fsdp2 = args.strategy == "fsdp2"
+    if fsdp2:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=not args.full_ckpt
+        )
+    else:
+        strategy = args.strategy
+    cb = LookaheadCallback(k=4, alpha=0.5, inner_state=args.inner, check_ranks_every=args.check_every)
+    callbacks: list[Callback] = [cb, Dump(cb, args.out)]
+    if args.perturb_rank is not None:
+        callbacks.append(Perturb(cb, args.perturb_rank))
+    if args.ckpt_dir:
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=args.epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=bool(args.ckpt_dir),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
+        deterministic=True,
+        use_distributed_sampler=False,
+    )
+    model = Module(fsdp2, args.opt)
+    # Explicit in-order sharding: rank r sees samples r, r+2, ...; 8 per rank = a 16-sample global batch
+    # equal to the single-process batch of samples 0..15.
+    rank = int(os.environ.get("LOCAL_RANK", 0)) if args.strategy != "ddp_spawn" else None
+    train = _loader(make_data(0), rank)
+    val = _loader(make_data(1), rank)
+    trainer.fit(model, train, val, ckpt_path=args.ckpt)
+    if not args.no_validate:
+        trainer.validate(model, val, verbose=False)  # after fit: the module holds the slow weights
+
+
+class Dump(Callback):
+    """Writes this rank's view at the end of each stage (inside the worker, so ddp_spawn works too)."""
+
+    def __init__(self, cb: LookaheadCallback, out: str) -> None:
+        self.cb, self.out = cb, out
+
+    def teardown(self, trainer, pl_module, stage):
+        tensors = self.cb.lookahead.tensors()
+        torch.save(
+            {
+                "slow": {n: t.detach().clone() for n, t in tensors["slow"].items()},
+                "fast": {n: t.detach().clone() for n, t in tensors["fast"].items()},
+                "params": {n: local(p).detach().clone() for n, p in pl_module.named_parameters()},
+                "val_snapshots": pl_module.val_snapshots,
+                "steps": self.cb.lookahead.steps,
+                "syncs": self.cb.lookahead.syncs,
+                "stash_numel": sum(t.numel() for g in self.cb.lookahead.groups for t in g.stash),
+                "total_numel": sum(p.numel() for p in pl_module.parameters()),
+            },
+            os.path.join(self.out, f"{getattr(stage, 'value', stage)}_rank{trainer.global_rank}.pt"),
+        )
+
+
+if __name__ == "__main__":
+    main()
