@@ -11,14 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_lookahead import distributed, inner_state
 from lightning_lookahead.inner_state import InnerState
-from lightning_lookahead.lookahead import (
-    Lookahead,
-    OnNonFinite,
-    check_alpha,
-    check_choice,
-    check_k,
-    check_optional_int,
-)
+from lightning_lookahead.lookahead import Lookahead, OnNonFinite, check_choice, check_optional_int
 
 EvalWeights = Literal["slow", "fast"]
 CHECKPOINT_KEY = "lookahead"  # top-level checkpoint entry with the fast weights (not the callback state)
@@ -76,16 +69,14 @@ class LookaheadCallback(Callback):
         check_ranks_every: int | None = None,
         log_stats: bool = True,
     ) -> None:
-        self.k = check_k(k)
-        self.alpha = check_alpha(alpha)
-        self.inner_state = inner_state
-        self.on_nonfinite = on_nonfinite
+        self.lookahead = Lookahead(k, alpha, inner_state, on_nonfinite)  # validates these four
+        self.k, self.alpha = self.lookahead.k, self.lookahead.alpha
+        self.inner_state, self.on_nonfinite = self.lookahead.inner_state, self.lookahead.on_nonfinite
         self.eval_weights: EvalWeights = check_choice("eval_weights", eval_weights, ("slow", "fast"))  # type: ignore[assignment]
         self.check_ranks_every = check_optional_int("check_ranks_every", check_ranks_every)
         if not isinstance(log_stats, bool):
             raise ValueError(f"Lookahead `log_stats` must be a bool, got {log_stats!r}")
         self.log_stats = log_stats
-        self.lookahead = self._new_core()  # also validates inner_state and on_nonfinite
         self._pending: dict[str, Any] | None = None  # checkpoint tensors waiting for the optimizers
         self._pending_state: dict[str, Any] | None = None
         self._eval_swapped = False  # we swapped the slow weights in for an evaluation loop
