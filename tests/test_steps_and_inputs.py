@@ -292,3 +292,31 @@ def test_torch_compile(how):
     assert model.val_param_snapshots  # validation ran (on slow weights) through the compiled module
     for p, s in zip(model.val_param_snapshots[-1], slow_ref):
         torch.testing.assert_close(p, s, atol=1e-5, rtol=0)
+
+
+def test_non_sync_steps_do_no_tensor_work():
+    """The step hook runs no tensor op (hence no kernel, no host sync) unless a sync is due."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    la = Lookahead(k=3, alpha=0.5)
+    la.attach([opt], net)
+    (hook,) = opt._optimizer_step_post_hooks.values()
+    recorded = []
+    for _ in range(3):
+        with Record() as rec:
+            hook(opt, (), {})
+        recorded.append(rec.ops)
+    assert recorded[0] == [] and recorded[1] == []
+    assert any("_foreach" in op for op in recorded[2])  # the third step syncs, with foreach kernels
+    assert not any(op.startswith("aten.sub.Tensor") or op.startswith("aten.lerp") for op in recorded[2])
