@@ -1,0 +1,79 @@
+"""configs/ through Hydra's compose API: Lookahead on by default, off with one override, overrides
+reach the callback, and a bad value fails with the callback's own ValueError."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig
+
+from lightning_lookahead import LookaheadCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))  # the configs' `_target_: mnist.LitCNN` and train.py live there
+import train  # noqa: E402
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PROJECT_ROOT", str(ROOT))
+
+    def _make(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            # ${hydra:runtime.output_dir} only exists in a real run
+            return compose("train.yaml", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+    return _make
+
+
+def _lookaheads(callbacks: list) -> list[LookaheadCallback]:
+    return [c for c in callbacks if isinstance(c, LookaheadCallback)]
+
+
+def test_lookahead_on_by_default(make_cfg, tmp_path):
+    callbacks = train.instantiate_group(make_cfg().callbacks)
+    (la,) = _lookaheads(callbacks)
+    assert (la.k, la.alpha, la.inner_state, la.eval_weights) == (5, 0.5, "keep", "slow")
+    (ckpt,) = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    assert Path(ckpt.dirpath) == tmp_path / "checkpoints"
+
+
+@pytest.mark.parametrize("override", ["callbacks=no_lookahead", "~callbacks.lookahead"])
+def test_lookahead_off_with_one_override(make_cfg, override):
+    callbacks = train.instantiate_group(make_cfg(override).callbacks)
+    assert not _lookaheads(callbacks)
+    assert any(isinstance(c, ModelCheckpoint) for c in callbacks)  # the other callbacks stay
+
+
+def test_overrides_reach_the_callback(make_cfg):
+    cfg = make_cfg("callbacks.lookahead.k=10", "callbacks.lookahead.alpha=0.8", "callbacks.lookahead.inner_state=pullback")
+    (la,) = _lookaheads(train.instantiate_group(cfg.callbacks))
+    assert (la.k, la.alpha, la.inner_state) == (10, 0.8, "pullback")
+
+
+def test_build_wires_model_data_trainer(make_cfg):
+    datamodule, model, trainer = train.build(make_cfg("data=digits", "optimizer=adam", "optimizer.lr=0.01"))
+    assert datamodule.hparams.dataset == "digits"
+    assert (model.hparams.optimizer, model.hparams.lr) == ("adam", 0.01)
+    assert len(_lookaheads(trainer.callbacks)) == 1
+    assert any(isinstance(lg, CSVLogger) for lg in trainer.loggers)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("callbacks.lookahead.k=0", "`k` must be an int >= 1"),
+        ("callbacks.lookahead.alpha=1.5", r"`alpha` must be a finite float in \(0, 1\]"),
+        ("callbacks.lookahead.inner_state=foo", "`inner_state` must be one of"),
+    ],
+)
+def test_bad_override_raises_the_callbacks_value_error(make_cfg, override, message):
+    with pytest.raises(ValueError, match=message) as excinfo:
+        train.build(make_cfg(override))
+    assert type(excinfo.value) is ValueError  # not wrapped in hydra's InstantiationException
+    assert excinfo.value.__suppress_context__
