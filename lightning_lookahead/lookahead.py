@@ -84,8 +84,10 @@ class Lookahead:
         alpha: float = 0.5,
         inner_state: InnerState = "keep",
         on_nonfinite: OnNonFinite = "warn",
+        measure_distance: bool = True,
     ) -> None:
         self.k = check_k(k)
+        self.measure_distance = measure_distance  # ||theta - phi|| / ||phi|| at each sync (2 more passes)
         self.alpha = check_alpha(alpha)
         self.inner_state: InnerState = check_choice("inner_state", inner_state, INNER_STATES)  # type: ignore[assignment]
         self.on_nonfinite: OnNonFinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)  # type: ignore[assignment]
@@ -155,7 +157,7 @@ class Lookahead:
     def sync(self, index: int) -> bool:
         """Sync optimizer ``index``'s parameters now; returns whether the sync was applied."""
         group = self.groups[index]
-        stats = group.sync(self.alpha)
+        stats = group.sync(self.alpha, stats=self.measure_distance)
         self.last_stats[index] = stats
         if not stats.applied:
             self.skipped += 1

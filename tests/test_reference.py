@@ -10,18 +10,19 @@ from lightning_lookahead import LookaheadCallback
 ATOL = 1e-6
 
 
-def _fit(opt, k, alpha, batches, inner_state="keep", accumulate=1):
+def _fit(opt, k, alpha, batches, inner_state="keep", accumulate=1, log_stats=True):
     model = RegressionModule(opt)
-    cb = LookaheadCallback(k=k, alpha=alpha, inner_state=inner_state)
+    cb = LookaheadCallback(k=k, alpha=alpha, inner_state=inner_state, log_stats=log_stats)
     t = trainer(max_epochs=batches // 6, accumulate_grad_batches=accumulate, callbacks=[cb])
     t.fit(model, loader())
     return model, cb
 
 
+@pytest.mark.parametrize("log_stats", [True, False], ids=["stats-sync", "lean-sync"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_matches_reference(opt, k):
-    model, cb = _fit(opt, k, 0.5, batches=24)
+def test_matches_reference(opt, k, log_stats):
+    model, cb = _fit(opt, k, 0.5, batches=24, log_stats=log_stats)
     fast_ref, slow_ref = reference_lookahead(opt, k, 0.5, n_batches=24)
     # after fit the module holds the slow weights; the fast ones live in the callback
     for p, s in zip(model.parameters(), slow_ref):
@@ -66,11 +67,12 @@ def test_accumulation_counts_optimizer_steps(opt):
         torch.testing.assert_close(p.detach(), s, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("log_stats", [True, False], ids=["stats-sync", "lean-sync"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
-def test_k1_alpha1_is_plain_training(opt):
+def test_k1_alpha1_is_plain_training(opt, log_stats):
     plain = RegressionModule(opt)
     trainer(max_epochs=3).fit(plain, loader())
-    la, _ = _fit(opt, 1, 1.0, batches=18)
+    la, _ = _fit(opt, 1, 1.0, batches=18, log_stats=log_stats)
     for a, b in zip(plain.parameters(), la.parameters()):
         assert torch.equal(a, b)
 

@@ -232,9 +232,10 @@ class NaNAtStep(RegressionModule):
             next(self.parameters()).grad[0, 0] = float("nan")
 
 
-def test_nonfinite_fast_weights_never_reach_the_slow_weights():
+@pytest.mark.parametrize("log_stats", [True, False], ids=["stats-sync", "lean-sync"])
+def test_nonfinite_fast_weights_never_reach_the_slow_weights(log_stats):
     model = NaNAtStep(step=3)  # the 4th step writes nan into theta; k=4 syncs right after it
-    cb = LookaheadCallback(k=4, alpha=0.5)
+    cb = LookaheadCallback(k=4, alpha=0.5, log_stats=log_stats)
     with pytest.warns(RuntimeWarning, match="inf/nan .* skipped") as rec:
         trainer(max_epochs=2, callbacks=[cb]).fit(model, loader())
     assert len([w for w in rec if "inf/nan" in str(w.message)]) == 1  # warned once, though skipped twice
