@@ -82,12 +82,15 @@ class SlowWeights:
         for idx in self.buckets:
             yield self._fast(idx), [self.stash[i] for i in idx]
 
+    def _blocks(self):
+        for theta, phi in self._pairs():
+            yield from _cache_blocks(theta, phi)
+
     def _sync_lean(self, alpha: float) -> SyncStats:
-        # max|x| cannot overflow and propagates nan: finite iff every element is finite
-        guard = [torch.stack(torch._foreach_norm(theta, float("inf"))).amax() for theta, _ in self._pairs()]
+        guard = [_sq_norm(theta) for theta, _ in self._pairs()]  # finite iff theta is (or |theta| > ~1e19)
         ok = bool(torch.isfinite(_total(guard)))  # the one host read of a sync step
         if ok:
-            for theta, phi in self._pairs():
+            for theta, phi in self._blocks():  # lerp and copy of a block share the cache
                 if alpha == 1.0:
                     torch._foreach_copy_(phi, theta)
                 else:
@@ -98,14 +101,14 @@ class SlowWeights:
     def _sync_stats(self, alpha: float) -> SyncStats:
         exact = alpha == 1.0
         checks, phi_sq = [], []
-        for theta, phi in self._pairs():
+        for theta, phi in self._blocks():
             if not exact:
                 torch._foreach_sub_(theta, phi)  # theta := d in place; it is overwritten below
             checks.append(_sq_norm(theta))  # finite iff theta is finite (d, or theta itself)
             phi_sq.append(_sq_norm(phi))
         ok = bool(torch.isfinite(_total(checks)))  # the one host read of a sync step
         d_sq = [] if exact and ok else checks
-        for theta, phi in self._pairs():
+        for theta, phi in self._blocks():
             if not ok:
                 if not exact:
                     torch._foreach_add_(theta, phi)  # undo d := theta - phi (exact up to rounding)
@@ -155,9 +158,46 @@ class SlowWeights:
             local(self.params[i]).copy_(local_from_saved(self.params[i], fast[name]))
 
 
+CPU_BLOCK = 1 << 17  # elements per cache block: theta + phi of a float32 block fit a 1 MiB L2
+
+
+def _cache_blocks(theta: list[Tensor], phi: list[Tensor]):
+    """Split a CPU bucket into blocks of about ``CPU_BLOCK`` elements (big tensors into views).
+
+    On CPU each ``torch._foreach_*`` op is a loop over its tensors, so running every op over the
+    whole model streams it through memory once per op; per block, the second op reads what the
+    first left in cache. (Measured: lerp + copy at 1e7-1e8 parameters goes from ~1.3x to ~1.05x
+    the bare foreach pair.) GPUs have multi-tensor kernels: one block, the whole bucket.
+    """
+    if theta[0].device.type != "cpu":
+        yield theta, phi
+        return
+    block_t: list[Tensor] = []
+    block_p: list[Tensor] = []
+    size = 0
+    for t, p in zip(theta, phi):
+        if t.numel() > CPU_BLOCK and t.is_contiguous() and p.is_contiguous():
+            for a, b in zip(t.view(-1).split(CPU_BLOCK), p.view(-1).split(CPU_BLOCK)):
+                yield [a], [b]
+            continue
+        block_t.append(t)
+        block_p.append(p)
+        size += t.numel()
+        if size >= CPU_BLOCK:
+            yield block_t, block_p
+            block_t, block_p, size = [], [], 0
+    if block_t:
+        yield block_t, block_p
+
+
 def _sq_norm(tensors: list[Tensor]) -> Tensor:
-    """Sum of squares over a bucket, as a float32 scalar on its device (no host sync)."""
-    return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
+    """Sum of squares, as a float32 scalar on the tensors' device (no host sync).
+
+    Half-precision norms accumulate and return in float32: a float16 norm overflows at 65504.
+    """
+    low = tensors[0].dtype in (torch.float16, torch.bfloat16)
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32) if low else torch._foreach_norm(tensors)
+    return torch.stack(norms).float().square().sum()
 
 
 def _total(parts: list[Tensor]) -> Tensor:
