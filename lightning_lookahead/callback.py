@@ -143,9 +143,17 @@ class LookaheadCallback(Callback):
             self._log_syncs(trainer)
         if self._next_rank_check is not None and self.lookahead.syncs >= self._next_rank_check:
             self._next_rank_check = self.lookahead.syncs + self.check_ranks_every  # type: ignore[operator]
-            replicated = [(n, t) for g in self.lookahead.groups for n, t, s in
-                          zip(g.names, g.slow_tensors().values(), g.sharded) if not s]
-            distributed.check_replicated([n for n, _ in replicated], [t for _, t in replicated])
+            self._check_ranks()
+
+    def _check_ranks(self) -> None:
+        """Replicated slow weights must be bit-identical on every rank (shards differ by design)."""
+        names, tensors = [], []
+        for g in self.lookahead.groups:
+            for name, slow, sharded in zip(g.names, g.slow_tensors().values(), g.sharded):
+                if not sharded:
+                    names.append(name)
+                    tensors.append(slow)
+        distributed.check_replicated(names, tensors)
 
     def _log_syncs(self, trainer: Trainer) -> None:
         # Straight to the loggers, not LightningModule.log: Lightning re-logs a step metric's last
