@@ -61,7 +61,7 @@ def assert_matches_single_process(slow: dict, opt: str, epochs: int, inner: str 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    run_worker(root / "full", "--strategy", "ddp", "--epochs", "3", "--ckpt-dir", str(root / "ck"))
+    run_worker(root / "full", "--strategy", "ddp", "--epochs", "3", "--ckpt-dir", str(root / "ck"), "--csv")
     # epoch 0 ends after step 3: mid k=4 cycle, fast != slow
     run_worker(root / "resumed", "--strategy", "ddp", "--epochs", "3", "--ckpt", str(root / "ck" / "epoch=0.ckpt"))
     return root
@@ -94,6 +94,19 @@ def test_ddp_resume_from_mid_cycle_checkpoint_equals_uninterrupted(ddp_runs):
         for kind in ("slow", "fast"):
             for n in NAMES:
                 assert torch.equal(full[kind][n], resumed[kind][n]), (rank, kind, n)
+
+
+def test_ddp_logging_is_rank_zero_at_sync_steps_only(ddp_runs):
+    import csv
+
+    rows = list(csv.DictReader(open(ddp_runs / "full" / "metrics.csv")))
+    syncs = {int(r["step"]): float(r["lookahead/syncs"]) for r in rows if r.get("lookahead/syncs")}
+    dist = [float(r["lookahead/rel_distance"]) for r in rows if r.get("lookahead/rel_distance")]
+    assert syncs == {3: 1.0, 7: 2.0}  # after steps 4 and 8, once each: one writer (rank 0), no repeats
+    assert len(dist) == 2 and all(0 < d < 1 for d in dist)
+    # the distance is the global one: the fast and slow weights are replicated, so rank 0's is exact
+    fit = load(ddp_runs / "full", "fit", 0)
+    assert fit["syncs"] == 2
 
 
 def test_ddp_spawn(tmp_path):

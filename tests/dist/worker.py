@@ -14,6 +14,7 @@ import warnings
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--check-every", type=int, default=None)
     ap.add_argument("--inner", default="keep")
     ap.add_argument("--opt", default="sgd")
+    ap.add_argument("--csv", action="store_true", help="log to OUT/metrics.csv (CSVLogger)")
     ap.add_argument("--no-validate", action="store_true", help="skip trainer.validate after fit")
     ap.add_argument("--full-ckpt", action="store_true", help="FSDP2: single-file (full) checkpoints")
     args = ap.parse_args()
@@ -135,7 +137,8 @@ def main() -> None:
         strategy=strategy,
         max_epochs=args.epochs,
         callbacks=callbacks,
-        logger=False,
+        logger=CSVLogger(args.out, name="", version="") if args.csv else False,
+        log_every_n_steps=1,
         enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False,
         enable_model_summary=False,
