@@ -109,35 +109,50 @@ class Lookahead:
         step counter and slow-weight group.
         """
         self.detach()
-        names = {p: n for n, p in module.named_parameters()}
-        owner: dict[Tensor, int] = {}
-        self.groups, self.optimizers = [], list(optimizers)
-        for i, opt in enumerate(self.optimizers):
+        self._names = {p: n for n, p in module.named_parameters()}
+        self._owner: dict[Tensor, int] = {}
+        self.optimizers = list(optimizers)
+        for opt in self.optimizers:
             inner.check_supported(opt, self.inner_state)
-            named = []
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if not p.requires_grad:
-                        continue
-                    if p in owner:
-                        if owner[p] == i:
-                            continue
-                        raise ValueError(
-                            f"Parameter {names.get(p, '?')!r} is in optimizers {owner[p]} and {i};"
-                            " Lookahead needs each parameter updated by one optimizer."
-                        )
-                    if p not in names:
-                        raise ValueError(
-                            f"Optimizer {i} ({type(opt).__name__}) updates a tensor of shape {tuple(p.shape)}"
-                            " that is not a parameter of the module; Lookahead matches tensors by parameter name."
-                        )
-                    owner[p] = i
-                    named.append((names[p], p))
-            self.groups.append(SlowWeights(named))
+        self.groups = [SlowWeights(self._claim(i)) for i in range(len(self.optimizers))]
         self.steps = [0] * len(self.optimizers)
         self.slow_moments = [{} for _ in self.optimizers]
         self.last_stats = {}
         self._handles = [opt.register_step_post_hook(self._make_hook(i)) for i, opt in enumerate(self.optimizers)]
+
+    def _claim(self, index: int) -> list[tuple[str, Tensor]]:
+        """Trainable parameters of optimizer ``index`` that have no slow weights yet, named."""
+        opt, named = self.optimizers[index], []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad or self._owner.get(p) == index:
+                    continue
+                if p in self._owner:
+                    raise ValueError(
+                        f"Parameter {self._names.get(p, '?')!r} is in optimizers {self._owner[p]} and {index};"
+                        " Lookahead needs each parameter updated by one optimizer."
+                    )
+                if p not in self._names:
+                    raise ValueError(
+                        f"Optimizer {index} ({type(opt).__name__}) updates a tensor of shape {tuple(p.shape)}"
+                        " that is not a parameter of the module; Lookahead matches tensors by parameter name."
+                    )
+                self._owner[p] = index
+                named.append((self._names[p], p))
+        return named
+
+    def _adopt_new_parameters(self, index: int) -> None:
+        # Fine-tuning schedules (Lightning's BaseFinetuning) add param groups or unfreeze
+        # parameters mid-run; without this they would silently train without Lookahead.
+        new = self._claim(index)
+        if new:
+            self.groups[index].add(new)
+            warnings.warn(
+                f"Lookahead: optimizer {index} now updates {len(new)} more parameter(s) (e.g. {new[0][0]!r});"
+                " their slow weights start from their current values.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def detach(self) -> None:
         """Stop counting steps (the slow weights are kept)."""
@@ -156,6 +171,7 @@ class Lookahead:
     # ------------------------------------------------------------ sync
     def sync(self, index: int) -> bool:
         """Sync optimizer ``index``'s parameters now; returns whether the sync was applied."""
+        self._adopt_new_parameters(index)
         group = self.groups[index]
         stats = group.sync(self.alpha, stats=self.measure_distance)
         self.last_stats[index] = stats

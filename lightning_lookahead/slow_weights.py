@@ -31,13 +31,20 @@ class SlowWeights:
     """
 
     def __init__(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
-        self.names = [n for n, _ in named_params]
-        self.params = [p for _, p in named_params]
-        # Our own storage, never an alias: clone() keeps strides so a pointer swap is shape-exact.
-        self.stash = [local(p).detach().clone() for p in self.params]
+        self.names: list[str] = []
+        self.params: list[Tensor] = []
+        self.stash: list[Tensor] = []
         self.swapped = False  # True: params hold phi and ``stash`` holds theta
-        locals_ = [local(p) for p in self.params]
-        self.buckets = group_indices_by_device_dtype(locals_)
+        self.add(named_params)
+
+    def add(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
+        """Start slow weights for more parameters, equal to their current (fast) values."""
+        assert not self.swapped
+        self.names += [n for n, _ in named_params]
+        self.params += [p for _, p in named_params]
+        # Our own storage, never an alias: clone() keeps strides so a pointer swap is shape-exact.
+        self.stash += [local(p).detach().clone() for _, p in named_params]
+        self.buckets = group_indices_by_device_dtype([local(p) for p in self.params])
         self.sharded = [is_sharded(p) for p in self.params]
 
     # ---------------------------------------------------------------- views

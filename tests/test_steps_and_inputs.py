@@ -321,3 +321,28 @@ def test_non_sync_steps_do_no_tensor_work():
     assert recorded[0] == [] and recorded[1] == []
     assert any("_foreach" in op for op in recorded[2])  # the third step syncs, with foreach kernels
     assert not any(op.startswith("aten.sub.Tensor") or op.startswith("aten.lerp") for op in recorded[2])
+
+
+def test_parameters_added_mid_run_get_slow_weights():
+    """BaseFinetuning-style schedules add a param group mid-run; those parameters must join."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class Unfreeze(BaseFinetuning):
+        def freeze_before_training(self, pl_module):
+            self.freeze(pl_module.net[0])
+
+        def finetune_function(self, pl_module, current_epoch, optimizer):
+            if current_epoch == 1:
+                self.unfreeze_and_add_param_group(pl_module.net[0], optimizer, lr=0.05, initial_denom_lr=1.0)
+
+    model = RegressionModule("sgd")
+    cb = LookaheadCallback(k=4, alpha=0.5)
+    with pytest.warns(RuntimeWarning, match="2 more parameter"):
+        trainer(max_epochs=3, callbacks=[Unfreeze(), cb]).fit(model, loader())
+    slow = cb.lookahead.tensors()["slow"]
+    assert {"net.0.weight", "net.0.bias"} <= set(slow)
+    # joined at the first sync of epoch 1 (step 8) and synced again at steps 12 and 16:
+    # its slow weights moved away from the frozen initial values
+    init = make_net().state_dict()
+    assert not torch.equal(slow["net.0.weight"], init["0.weight"])
+    assert torch.equal(model.net[0].weight.detach(), slow["net.0.weight"])  # module holds slow after fit
