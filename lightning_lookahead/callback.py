@@ -81,6 +81,7 @@ class LookaheadCallback(Callback):
         self.check_ranks_every = check_optional_int("check_ranks_every", check_ranks_every)
         self._pending: dict[str, Any] | None = None  # checkpoint tensors waiting for the optimizers
         self._pending_state: dict[str, Any] | None = None
+        self._stage: str | None = None
         self._eval_swapped = False  # we swapped the slow weights in for an evaluation loop
         self._logged_syncs: dict[int, object] = {}
         self._next_rank_check = self.check_ranks_every
@@ -97,6 +98,7 @@ class LookaheadCallback(Callback):
         if sum(isinstance(c, LookaheadCallback) for c in trainer.callbacks) > 1:
             raise ValueError("Only one LookaheadCallback can be used per Trainer.")
         distributed_check_strategy(trainer)
+        self._stage = stage
         if stage != "fit":
             return
         self.lookahead.detach()
@@ -193,11 +195,12 @@ class LookaheadCallback(Callback):
 
     # ------------------------------------------------------------------ evaluation
     def _begin_eval(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == "fit":
-            self._attach(trainer, pl_module)  # the sanity check runs before on_train_start
-            if self.eval_weights == "fast":
-                return
-        if self.attached and self.lookahead.use_slow():
+        # Outside fit there is nothing to swap: after a fit the module already holds the slow
+        # weights, and after ckpt_path / load_state_dict it holds what the user asked for.
+        if trainer.state.fn != "fit" or self.eval_weights == "fast":
+            return
+        self._attach(trainer, pl_module)  # the sanity check runs before on_train_start
+        if self.lookahead.use_slow():
             self._eval_swapped = True
 
     def _end_eval(self) -> None:
@@ -228,7 +231,7 @@ class LookaheadCallback(Callback):
         return self.lookahead.state_dict() if self.attached else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
+        if not state_dict or self._stage != "fit":  # Lightning restores callbacks for validate/test too
             return
         changed = {
             name: state_dict[name]
@@ -256,28 +259,38 @@ class LookaheadCallback(Callback):
         state = checkpoint["state_dict"]
         sharded_file = any(distributed.is_sharded(v) for v in state.values())
         gather = any(distributed.is_sharded(p) for p in params.values()) and not sharded_file
+        keep = not gather or distributed.rank() == 0  # a gathered checkpoint is written by rank 0 alone
 
-        def out(name: str, t: torch.Tensor) -> torch.Tensor:
-            p = params[name]
+        def out(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
+            t = t.detach()
+            if distributed.is_sharded(t):  # pullback's slow moments are DTensors like the live moments
+                p, t = t, t.to_local()
             if sharded_file:
-                return distributed.like(p, t.detach())
+                return distributed.like(p, t)
             if gather:
-                return distributed.full(p, t.detach()).cpu()
-            return t.detach()
+                whole = distributed.full(p, t)  # a collective: every rank takes part...
+                return whole.cpu() if keep else None  # ...but only rank 0 keeps a host copy
+            return t
 
-        for key, name in _state_dict_aliases(pl_module).items():
-            if name in tensors["slow"] and (key in state or gather):
-                slow = out(name, tensors["slow"][name])
-                if key in state:  # a gathered state_dict is empty on ranks > 0
-                    state[key] = slow.to(state[key].device) if not sharded_file else slow
-        fast = {n: out(n, t) for n, t in tensors["fast"].items()}
-        moments = {n: (t.full_tensor().cpu() if gather and distributed.is_sharded(t) else t.detach())
-                   for n, t in tensors["slow_moments"].items()}
+        slow = {n: out(t, params[n]) for n, t in tensors["slow"].items()}
+        fast = {n: out(t, params[n]) for n, t in tensors["fast"].items()}
+        moments = {n: out(t, t) for n, t in tensors["slow_moments"].items()}
+        if state:  # empty on ranks > 0 of a gathered state_dict
+            keys = _state_dict_keys(pl_module, state)
+            missing = [n for n in slow if n not in keys]
+            if missing:
+                raise RuntimeError(
+                    f"Lookahead cannot find the state_dict entries of parameters {missing[:5]}; the slow weights"
+                    " would silently be missing from the checkpoint."
+                )
+            for name, ks in keys.items():
+                for key in ks:
+                    state[key] = slow[name] if sharded_file else slow[name].to(state[key].device)
         if sharded_file:
             state.update({f"{FAST_PREFIX}{n}": t for n, t in fast.items()})
             state.update({f"{MOMENT_PREFIX}{n}": t for n, t in moments.items()})
             checkpoint[CHECKPOINT_KEY] = {"layout": "sharded"}
-        else:
+        elif keep:
             checkpoint[CHECKPOINT_KEY] = {"fast": fast, "slow_moments": moments}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -310,17 +323,25 @@ class LookaheadCallback(Callback):
         }
 
 
-def _state_dict_aliases(module: torch.nn.Module) -> dict[str, str]:
-    """state_dict key -> canonical parameter name (tied weights appear under several keys)."""
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # dropped from state_dict keys by wrappers
+
+
+def _state_dict_keys(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, list[str]]:
+    """Canonical parameter name -> its state_dict keys (tied weights have several; activation
+    checkpointing and torch.distributed's state_dict helpers drop wrapper prefixes from keys)."""
+
+    def norm(key: str) -> str:
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.replace(prefix, "")
+        return key
+
     canonical = {p: n for n, p in module.named_parameters()}
-    return {n: canonical[p] for n, p in module.named_parameters(remove_duplicate=False)}
-
-
-def _for_checkpoint(t: torch.Tensor, like: Any) -> torch.Tensor:
-    """A detached tensor laid out like the checkpoint's own entry (same device; DTensor if sharded)."""
-    out = t.detach()
-    if isinstance(like, torch.Tensor) and not distributed.is_sharded(like):
-        out = out.to(like.device)
+    by_key = {norm(n): canonical[p] for n, p in module.named_parameters(remove_duplicate=False)}
+    out: dict[str, list[str]] = {}
+    for key in state:
+        name = by_key.get(norm(key))
+        if name is not None:
+            out.setdefault(name, []).append(key)
     return out
 
 

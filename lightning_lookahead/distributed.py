@@ -78,6 +78,25 @@ def load_sharded(path: str, templates: dict[str, Tensor], prefix: str = "state_d
     return wanted
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Free FSDP2's gathered parameters so the next forward all-gathers from the shards.
+
+    FSDP2 keeps the root group unsharded after a no-grad forward; without this, a swap that
+    rewrites the shards would be invisible to the next forward (it would reuse stale values).
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

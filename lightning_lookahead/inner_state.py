@@ -21,10 +21,12 @@ from lightning_lookahead._grouping import group_by_device_dtype, group_indices_b
 InnerState = Literal["keep", "reset", "pullback"]
 INNER_STATES: tuple[str, ...] = ("keep", "reset", "pullback")
 
-# Per optimizer family: the first-moment key, and every state key with its "before first step" value.
-_ADAM_KEYS = {"step": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0, "max_exp_avg_sq": 0.0}
-_KNOWN: dict[type[Optimizer], tuple[str, dict[str, float]]] = {
-    SGD: ("momentum_buffer", {"momentum_buffer": 0.0}),
+# Per optimizer family: the first-moment key, and every state key with its "before first step"
+# value; None means "absent": a fresh SGD creates its buffer from the first gradient (buf = grad),
+# which a zeroed buffer only matches when dampening == 0.
+_ADAM_KEYS: dict[str, float | None] = {"step": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0, "max_exp_avg_sq": 0.0}
+_KNOWN: dict[type[Optimizer], tuple[str, dict[str, float | None]]] = {
+    SGD: ("momentum_buffer", {"momentum_buffer": None}),
     Adam: ("exp_avg", _ADAM_KEYS),
     AdamW: ("exp_avg", _ADAM_KEYS),
     NAdam: ("exp_avg", {**_ADAM_KEYS, "mu_product": 1.0}),
@@ -32,7 +34,7 @@ _KNOWN: dict[type[Optimizer], tuple[str, dict[str, float]]] = {
 }
 
 
-def _family(optimizer: Optimizer) -> tuple[str, dict[str, float]]:
+def _family(optimizer: Optimizer) -> tuple[str, dict[str, float | None]]:
     for cls in type(optimizer).__mro__:
         if cls in _KNOWN:
             return _KNOWN[cls]
@@ -50,7 +52,7 @@ def check_supported(optimizer: Optimizer, policy: InnerState) -> None:
 
 
 def _states(
-    optimizer: Optimizer, named_params: Iterable[tuple[str, Tensor]], known: Mapping[str, float]
+    optimizer: Optimizer, named_params: Iterable[tuple[str, Tensor]], known: Mapping[str, float | None]
 ) -> list[tuple[str, dict]]:
     out = []
     for name, p in named_params:
@@ -79,8 +81,10 @@ def reset(optimizer: Optimizer, named_params: Iterable[tuple[str, Tensor]]) -> N
     _, known = _family(optimizer)
     by_value: dict[float, list[Tensor]] = {}
     for _, state in _states(optimizer, named_params, known):
-        for key, value in state.items():
-            if isinstance(value, Tensor):
+        for key, value in list(state.items()):
+            if known[key] is None:
+                del state[key]
+            elif isinstance(value, Tensor):
                 by_value.setdefault(known[key], []).append(value)
             else:  # python-number step counters (older checkpoints, capturable=False paths)
                 state[key] = type(value)(known[key])

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_lookahead import inner_state as inner
-from lightning_lookahead.distributed import reshard_like
+from lightning_lookahead.distributed import reshard, reshard_like
 from lightning_lookahead.inner_state import INNER_STATES, InnerState
 from lightning_lookahead.slow_weights import SlowWeights, SyncStats
 
@@ -59,7 +59,9 @@ class Lookahead:
     """Lookahead (Zhang et al., 2019) around unmodified ``torch.optim`` optimizers.
 
     Counts each optimizer's *real* steps with a step post-hook (a step skipped by
-    ``torch.amp.GradScaler`` never calls ``optimizer.step`` and so never counts), and after every
+    ``torch.amp.GradScaler`` either never calls ``optimizer.step``, or, for optimizers with their
+    own AMP handling such as ``fused=True``, calls it with ``found_inf`` set, which the hook
+    checks), and after every
     ``k``-th step of an optimizer syncs that optimizer's parameters:
     ``phi <- phi + alpha (theta - phi); theta <- phi``.
 
@@ -109,6 +111,7 @@ class Lookahead:
         step counter and slow-weight group.
         """
         self.detach()
+        self._module = module
         self._names = {p: n for n, p in module.named_parameters()}
         self._owner: dict[Tensor, int] = {}
         self.optimizers = list(optimizers)
@@ -162,6 +165,12 @@ class Lookahead:
 
     def _make_hook(self, index: int):
         def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+            # GradScaler skips a non-fused step by not calling step() at all; an optimizer with its
+            # own AMP handling (fused=True) is called anyway with `found_inf` set: read it (one host
+            # read per step, only in that case) so a skipped step is not counted.
+            found_inf = getattr(optimizer, "found_inf", None)
+            if found_inf is not None and bool(found_inf):
+                return
             self.steps[index] += 1
             if self.steps[index] % self.k == 0:  # O(1) python on every other step, no tensor work
                 self.sync(index)
@@ -209,6 +218,8 @@ class Lookahead:
         return self._set_swapped(False)
 
     def _set_swapped(self, value: bool) -> bool:
+        if any(any(g.sharded) for g in self.groups) and any(g.swapped != value for g in self.groups):
+            reshard(self._module)  # the next forward must gather the values we are about to write
         changed = False
         for g in self.groups:
             if g.swapped != value:

@@ -2,7 +2,8 @@
 
 Tensor work is one ``torch._foreach_*`` call per (device, dtype) bucket under ``no_grad``; nothing
 here runs on non-sync steps. Sharded (DTensor) parameters are handled through their local shards,
-so the slow copy is itself a shard and the sync needs no communication.
+so the slow copy is itself a shard and the update is shard-local; only the skip-or-apply decision
+for non-finite weights is all-reduced (one scalar), so every rank takes the same branch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_lookahead._grouping import group_indices_by_device_dtype
-from lightning_lookahead.distributed import is_sharded, local, local_from_saved
+from lightning_lookahead.distributed import all_reduce_sum, is_sharded, local, local_from_saved
 
 
 class SlowWeights:
@@ -74,7 +75,7 @@ class SlowWeights:
         ===========  ==================================================  =======
         path         passes                                              traffic
         ===========  ==================================================  =======
-        lean         max|theta| guard, lerp_(phi, theta), copy_(theta)   6x
+        lean         ||theta|| guard, lerp_(phi, theta), copy_(theta)    6x
         stats        d := theta - phi (in theta), ||d||, ||phi||,        10x
                      phi += alpha d, copy_(theta, phi)
         ===========  ==================================================  =======
@@ -84,6 +85,12 @@ class SlowWeights:
         """
         assert not self.swapped, "sync while the slow weights are swapped in"
         return self._sync_stats(alpha) if stats else self._sync_lean(alpha)
+
+    def _all_finite(self, total: Tensor) -> bool:
+        """The one host read of a sync step. With shards, every rank must decide alike."""
+        if any(self.sharded):
+            total = all_reduce_sum(total.clone())
+        return bool(torch.isfinite(total))
 
     def _pairs(self):
         for idx in self.buckets:
@@ -95,7 +102,7 @@ class SlowWeights:
 
     def _sync_lean(self, alpha: float) -> SyncStats:
         guard = [_sq_norm(theta) for theta, _ in self._pairs()]  # finite iff theta is (or |theta| > ~1e19)
-        ok = bool(torch.isfinite(_total(guard)))  # the one host read of a sync step
+        ok = self._all_finite(_total(guard))
         if ok:
             for theta, phi in self._blocks():  # lerp and copy of a block share the cache
                 if alpha == 1.0:
@@ -113,7 +120,7 @@ class SlowWeights:
                 torch._foreach_sub_(theta, phi)  # theta := d in place; it is overwritten below
             checks.append(_sq_norm(theta))  # finite iff theta is finite (d, or theta itself)
             phi_sq.append(_sq_norm(phi))
-        ok = bool(torch.isfinite(_total(checks)))  # the one host read of a sync step
+        ok = self._all_finite(_total(checks))
         d_sq = [] if exact and ok else checks
         for theta, phi in self._blocks():
             if not ok:

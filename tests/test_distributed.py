@@ -58,6 +58,12 @@ def assert_matches_single_process(slow: dict, opt: str, epochs: int, inner: str 
         torch.testing.assert_close(slow[n], r, atol=1e-5, rtol=1e-5)
 
 
+def assert_matches_single_process_fast(fast: dict, opt: str, epochs: int) -> None:
+    ref, _ = reference_lookahead(opt, 4, 0.5, n_batches=STEPS_PER_EPOCH * epochs, batch_size=16)
+    for n, r in zip(NAMES, ref):
+        torch.testing.assert_close(fast[n], r, atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
@@ -164,6 +170,20 @@ def test_fsdp2_validation_uses_slow_shards(fsdp2_runs):
         after = load(fsdp2_runs / "full", "validate", rank)
         for n in NAMES:
             assert torch.equal(after["val_snapshots"][-1][n], fit["slow"][n])
+
+
+def test_fsdp2_root_group_trains_on_fast_weights_after_validation(tmp_path):
+    """FSDP2 keeps the root group gathered after a no-grad forward; the swap back must reshard,
+    or the next training step would run on the slow weights (a silent divergence)."""
+    run_worker(tmp_path, "--strategy", "fsdp2", "--root-only", "--epochs", "3")
+    assert_matches_single_process(_gather(tmp_path, "slow"), "sgd", epochs=3)
+    assert_matches_single_process_fast(_gather(tmp_path, "fast"), "sgd", epochs=3)
+
+
+def test_fsdp2_nonfinite_decision_is_the_same_on_every_rank(tmp_path):
+    run_worker(tmp_path, "--strategy", "fsdp2", "--epochs", "2", "--poison-rank", "0", "--no-validate")
+    r0, r1 = load(tmp_path, "fit", 0), load(tmp_path, "fit", 1)
+    assert (r0["syncs"], r0["skipped"]) == (r1["syncs"], r1["skipped"]) == (0, 1)
 
 
 @pytest.mark.parametrize("layout", ["resumed", "resumed_file"])

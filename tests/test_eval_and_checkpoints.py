@@ -71,7 +71,7 @@ def test_unpaired_hooks_never_train_on_slow_weights():
     ref_model = copy.deepcopy(model)
     # simulate an evaluation loop that started but never ended, then continue training
     cb.lookahead.use_fast()
-    cb._begin_eval(type("T", (), {"state": type("S", (), {"fn": "validate"})()})(), model)
+    cb._begin_eval(type("T", (), {"state": type("S", (), {"fn": "fit"})()})(), model)
     assert cb.lookahead.swapped
     cb.on_train_batch_start(None, model, None, 0)
     assert not cb.lookahead.swapped
@@ -279,3 +279,46 @@ def test_tied_weights_share_one_slow_copy(tmp_path):
     assert torch.equal(ckpt["state_dict"]["head.weight"], ckpt["state_dict"]["tail.weight"])
     assert torch.equal(ckpt["state_dict"]["head.weight"], model.head.weight.detach())  # slow, post-fit
     assert "tail.weight" not in ckpt[CHECKPOINT_KEY]["fast"]
+
+
+def test_wrapped_modules_still_get_slow_weights_in_state_dict(tmp_path):
+    """Activation checkpointing drops `_checkpoint_wrapped_module.` from state_dict keys."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    class Wrapped(RegressionModule):
+        def __init__(self):
+            super().__init__("sgd")
+            self.net[0] = checkpoint_wrapper(self.net[0])
+
+    model = Wrapped()
+    assert "net.0._checkpoint_wrapped_module.weight" in dict(model.named_parameters())
+    assert "net.0.weight" in model.state_dict()
+    t = trainer(max_epochs=1, callbacks=[LookaheadCallback(k=4, alpha=0.5)])
+    t.fit(model, loader())
+    t.save_checkpoint(tmp_path / "w.ckpt")
+    ckpt = torch.load(tmp_path / "w.ckpt", weights_only=True)
+    _, slow_ref = reference_lookahead("sgd", 4, 0.5, n_batches=6)
+    for key, s in zip(["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"], slow_ref):
+        torch.testing.assert_close(ckpt["state_dict"][key], s, atol=1e-6, rtol=0)
+
+
+def test_evaluation_after_a_failed_fit_uses_the_requested_weights(tmp_path):
+    """After a crash the callback still holds that run's slow weights; validate/test must not
+    swap them over a checkpoint the user asked for."""
+
+    class Crash(RegressionModule):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 5:
+                raise RuntimeError("crash")
+            return super().training_step(batch, batch_idx)
+
+    model = Crash("sgd")
+    cb = LookaheadCallback(k=2, alpha=0.5)
+    t = trainer(max_epochs=1, callbacks=[cb])
+    with pytest.raises(RuntimeError, match="crash"):
+        t.fit(model, loader())
+    wanted = RegressionModule("sgd", seed=3)
+    model.load_state_dict(wanted.state_dict())
+    model.val_param_snapshots.clear()
+    t.test(model, loader(1), verbose=False)
+    assert torch.equal(_flat(model.val_param_snapshots[-1]), _flat(wanted.parameters()))

@@ -346,3 +346,46 @@ def test_parameters_added_mid_run_get_slow_weights():
     init = make_net().state_dict()
     assert not torch.equal(slow["net.0.weight"], init["0.weight"])
     assert torch.equal(model.net[0].weight.detach(), slow["net.0.weight"])  # module holds slow after fit
+
+
+def test_reset_restores_a_fresh_sgd_even_with_dampening():
+    """A fresh SGD sets its buffer to the first gradient; a zeroed buffer would give (1-d) * grad."""
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    la = Lookahead(k=2, alpha=1.0, inner_state="reset")
+    la.attach([opt], net)
+    x, y = next(iter(loader()))
+    for _ in range(2):  # the second step syncs and resets
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+    fresh_net = make_net()
+    fresh_net.load_state_dict(net.state_dict())
+    fresh = torch.optim.SGD(fresh_net.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    for model, o in ((net, opt), (fresh_net, fresh)):
+        o.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        o.step()
+    for a, b in zip(net.parameters(), fresh_net.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_fused_optimizer_amp_skip_is_not_counted():
+    """fused=True optimizers are stepped even when GradScaler found inf (they skip internally)."""
+    net = make_net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, fused=True)
+    la = Lookahead(k=2, alpha=0.5)
+    la.attach([opt], net)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = next(iter(loader()))
+    syncs = []
+    for i in range(4):
+        opt.zero_grad()
+        scaler.scale(nn.functional.mse_loss(net(x), y)).backward()
+        if i == 0:
+            net[0].weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        syncs.append(la.syncs)
+    assert la.steps == [3]
+    assert syncs == [0, 0, 1, 1]

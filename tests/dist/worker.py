@@ -27,20 +27,26 @@ warnings.filterwarnings("ignore")
 
 
 class Module(L.LightningModule):
-    def __init__(self, fsdp2: bool = False, opt: str = "sgd") -> None:
+    def __init__(self, fsdp2: bool = False, opt: str = "sgd", root_only: bool = False, poison_rank=None) -> None:
         super().__init__()
         self.net = make_net(0)
-        self.fsdp2, self.opt = fsdp2, opt
+        self.fsdp2, self.opt, self.root_only, self.poison_rank = fsdp2, opt, root_only, poison_rank
         self.val_snapshots: list[dict[str, torch.Tensor]] = []
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         if self.fsdp2 and not isinstance(self.net, FSDPModule):  # configure_model runs per trainer call
-            for layer in self.net:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=self.device_mesh["data_parallel"])
+            if not self.root_only:  # root_only: every parameter in the root group (never resharded after eval)
+                for layer in self.net:
+                    if isinstance(layer, nn.Linear):
+                        fully_shard(layer, mesh=self.device_mesh["data_parallel"])
             fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+    def on_after_backward(self):
+        # one rank's fast weights become non-finite at step 4 (k=4 syncs right after it)
+        if self.poison_rank == self.global_rank and self.global_step == 3:
+            local(next(self.parameters()).grad)[0, 0] = float("inf")
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -113,6 +119,8 @@ def main() -> None:
     ap.add_argument("--opt", default="sgd")
     ap.add_argument("--csv", action="store_true", help="log to OUT/metrics.csv (CSVLogger)")
     ap.add_argument("--no-validate", action="store_true", help="skip trainer.validate after fit")
+    ap.add_argument("--root-only", action="store_true", help="FSDP2: shard only the root module")
+    ap.add_argument("--poison-rank", type=int, default=None, help="inf gradient on this rank at step 4")
     ap.add_argument("--full-ckpt", action="store_true", help="FSDP2: single-file (full) checkpoints")
     args = ap.parse_args()
 
@@ -146,7 +154,7 @@ def main() -> None:
         deterministic=True,
         use_distributed_sampler=False,
     )
-    model = Module(fsdp2, args.opt)
+    model = Module(fsdp2, args.opt, args.root_only, args.poison_rank)
     # Explicit in-order sharding: rank r sees samples r, r+2, ...; 8 per rank = a 16-sample global batch
     # equal to the single-process batch of samples 0..15.
     rank = int(os.environ.get("LOCAL_RANK", 0)) if args.strategy != "ddp_spawn" else None
@@ -173,6 +181,7 @@ class Dump(Callback):
                 "val_snapshots": pl_module.val_snapshots,
                 "steps": self.cb.lookahead.steps,
                 "syncs": self.cb.lookahead.syncs,
+                "skipped": self.cb.lookahead.skipped,
                 "stash_numel": sum(t.numel() for g in self.cb.lookahead.groups for t in g.stash),
                 "total_numel": sum(p.numel() for p in pl_module.parameters()),
             },
