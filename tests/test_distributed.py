@@ -23,17 +23,31 @@ STEPS_PER_EPOCH = 3  # 48 samples, global batch 16
 pytestmark = pytest.mark.slow
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_worker(out: Path, *args: str, ok: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("MASTER_PORT", None)
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    for attempt in range(3):
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(_free_port())}
+        proc = subprocess.run(
+            [sys.executable, str(WORKER), "--out", str(out), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        # On this machine a second Trainer call in the same gloo processes (fit, then validate) now
+        # and then dies in gloo's C++ teardown with SIGABRT ("terminate called without an active
+        # exception"), outside our code; relaunch in that case only. Any other failure is reported.
+        gloo_abort = proc.returncode < 0 and "terminate called without an active exception" in proc.stderr
+        if not gloo_abort:
+            break
     if ok and proc.returncode != 0:
         raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
