@@ -63,7 +63,8 @@ class Lookahead:
     own AMP handling such as ``fused=True``, calls it with ``found_inf`` set, which the hook
     checks), and after every
     ``k``-th step of an optimizer syncs that optimizer's parameters:
-    ``phi <- phi + alpha (theta - phi); theta <- phi``.
+    ``phi <- phi + alpha (theta - phi); theta <- phi``. With ``measure_distance`` each sync also
+    records ``||theta - phi|| / ||phi||`` in :attr:`last_stats` (two more passes over the weights).
 
     Example:
         >>> import torch

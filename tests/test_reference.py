@@ -1,9 +1,12 @@
 """The callback against an independent, plainly written Lookahead loop (the paper's Algorithm 1)."""
 
+import tempfile
+
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback as L_Callback
 from conftest import RegressionModule, loader, reference_lookahead, trainer
+from lightning.pytorch.callbacks import Callback as L_Callback
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_lookahead import LookaheadCallback
 
@@ -13,8 +16,11 @@ ATOL = 1e-6
 def _fit(opt, k, alpha, batches, inner_state="keep", accumulate=1, log_stats=True):
     model = RegressionModule(opt)
     cb = LookaheadCallback(k=k, alpha=alpha, inner_state=inner_state, log_stats=log_stats)
-    t = trainer(max_epochs=batches // 6, accumulate_grad_batches=accumulate, callbacks=[cb])
+    # with a logger and log_stats the sync also measures the distance (the "stats" path)
+    logger = CSVLogger(tempfile.mkdtemp(), name="", version="") if log_stats else False
+    t = trainer(max_epochs=batches // 6, accumulate_grad_batches=accumulate, callbacks=[cb], logger=logger)
     t.fit(model, loader())
+    assert cb.lookahead.measure_distance == log_stats
     return model, cb
 
 
