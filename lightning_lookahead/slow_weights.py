@@ -76,12 +76,14 @@ class SlowWeights:
         path         passes                                              traffic
         ===========  ==================================================  =======
         lean         ||theta|| guard, lerp_(phi, theta), copy_(theta)    6x
-        stats        d := theta - phi (in theta), ||d||, ||phi||,        10x
-                     phi += alpha d, copy_(theta, phi)
+        stats        ||theta - phi|| (block temporary), ||phi||, then    7x + d
+                     the same lerp_ and copy_
         ===========  ==================================================  =======
 
-        ``alpha == 1`` copies theta into phi and never writes theta, so ``k=1, alpha=1`` is
-        bit-for-bit plain training.
+        Both paths apply the identical update, so a run's trajectory does not depend on whether
+        the distance is measured. Nothing is written when theta is not finite. ``alpha == 1``
+        copies theta into phi and never writes theta, so ``k=1, alpha=1`` is bit-for-bit plain
+        training.
         """
         assert not self.swapped, "sync while the slow weights are swapped in"
         return self._sync_stats(alpha) if stats else self._sync_lean(alpha)
@@ -104,38 +106,30 @@ class SlowWeights:
         guard = [_sq_norm(theta) for theta, _ in self._pairs()]  # finite iff theta is (or |theta| > ~1e19)
         ok = self._all_finite(_total(guard))
         if ok:
-            for theta, phi in self._blocks():  # lerp and copy of a block share the cache
-                if alpha == 1.0:
-                    torch._foreach_copy_(phi, theta)
-                else:
-                    torch._foreach_lerp_(phi, theta, alpha)
-                    torch._foreach_copy_(theta, phi)
+            self._apply(alpha)
         return SyncStats(applied=ok)
 
     def _sync_stats(self, alpha: float) -> SyncStats:
-        exact = alpha == 1.0
-        checks, phi_sq = [], []
+        d_sq, phi_sq = [], []
         for theta, phi in self._blocks():
-            if not exact:
-                torch._foreach_sub_(theta, phi)  # theta := d in place; it is overwritten below
-            checks.append(_sq_norm(theta))  # finite iff theta is finite (d, or theta itself)
+            # d lives in a block-sized temporary (cache-resident on CPU, bounded on GPU), so a
+            # skipped sync leaves theta bit-exact and both paths apply the very same update
+            d_sq.append(_sq_norm(torch._foreach_sub(theta, phi)))  # finite iff theta is
             phi_sq.append(_sq_norm(phi))
-        ok = self._all_finite(_total(checks))
-        d_sq = [] if exact and ok else checks
-        for theta, phi in self._blocks():
-            if not ok:
-                if not exact:
-                    torch._foreach_add_(theta, phi)  # undo d := theta - phi (exact up to rounding)
-            elif exact:
-                torch._foreach_sub_(phi, theta)  # -d, only for the logged distance
-                d_sq.append(_sq_norm(phi))
-                torch._foreach_copy_(phi, theta)  # phi <- theta exactly, theta untouched
-            else:
-                torch._foreach_add_(phi, theta, alpha=alpha)  # phi + alpha (theta - phi)
-                torch._foreach_copy_(theta, phi)
         total_d, total_phi = _total(d_sq), _total(phi_sq)
+        ok = self._all_finite(total_d)
+        if ok:
+            self._apply(alpha)
         rel = total_d.sqrt() / total_phi.sqrt().clamp_min(1e-30)
         return SyncStats(applied=ok, rel_distance=rel, d_sq=total_d, phi_sq=total_phi)
+
+    def _apply(self, alpha: float) -> None:
+        for theta, phi in self._blocks():  # lerp and copy of a block share the cache
+            if alpha == 1.0:
+                torch._foreach_copy_(phi, theta)  # phi <- theta exactly; theta untouched
+            else:
+                torch._foreach_lerp_(phi, theta, alpha)  # phi + alpha (theta - phi)
+                torch._foreach_copy_(theta, phi)
 
     # ---------------------------------------------------------------- swap
     @torch.no_grad()
@@ -173,31 +167,32 @@ class SlowWeights:
 
 
 CPU_BLOCK = 1 << 17  # elements per cache block: theta + phi of a float32 block fit a 1 MiB L2
+DEVICE_BLOCK = 1 << 24  # elsewhere (GPU): only bounds the distance temporary (64 MiB of float32)
 
 
 def _cache_blocks(theta: list[Tensor], phi: list[Tensor]):
-    """Split a CPU bucket into blocks of about ``CPU_BLOCK`` elements (big tensors into views).
+    """Split a bucket into blocks of about ``CPU_BLOCK`` elements on CPU (``DEVICE_BLOCK``
+    elsewhere); tensors larger than a block are split into views.
 
     On CPU each ``torch._foreach_*`` op is a loop over its tensors, so running every op over the
     whole model streams it through memory once per op; per block, the second op reads what the
     first left in cache. (Measured: lerp + copy at 1e7-1e8 parameters goes from ~1.3x to ~1.05x
-    the bare foreach pair.) GPUs have multi-tensor kernels: one block, the whole bucket.
+    the bare foreach pair.) GPUs have multi-tensor kernels; there the large blocks only bound the
+    distance temporary.
     """
-    if theta[0].device.type != "cpu":
-        yield theta, phi
-        return
+    limit = CPU_BLOCK if theta[0].device.type == "cpu" else DEVICE_BLOCK
     block_t: list[Tensor] = []
     block_p: list[Tensor] = []
     size = 0
     for t, p in zip(theta, phi):
-        if t.numel() > CPU_BLOCK and t.is_contiguous() and p.is_contiguous():
-            for a, b in zip(t.view(-1).split(CPU_BLOCK), p.view(-1).split(CPU_BLOCK)):
+        if t.numel() > limit and t.is_contiguous() and p.is_contiguous():
+            for a, b in zip(t.view(-1).split(limit), p.view(-1).split(limit)):
                 yield [a], [b]
             continue
         block_t.append(t)
         block_p.append(p)
         size += t.numel()
-        if size >= CPU_BLOCK:
+        if size >= limit:
             yield block_t, block_p
             block_t, block_p, size = [], [], 0
     if block_t:

@@ -74,3 +74,31 @@ def test_swap_is_a_pointer_exchange():
     assert [p.data_ptr() for p in params] == slow_ptrs  # no copy, no allocation
     sw.swap()
     assert [p.data_ptr() for p in params] == fast_ptrs
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_both_sync_paths_apply_the_identical_update(alpha):
+    """Measuring the distance must not change the trajectory (resume with another logger setup)."""
+    runs = []
+    for stats in (True, False):
+        params = _params()
+        sw = SlowWeights([(f"p{i}", p) for i, p in enumerate(params)])
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=p.dtype) * 0.1)
+        sw.sync(alpha, stats=stats)
+        runs.append(torch.cat([p.detach().flatten().double() for p in params]))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_skipped_sync_leaves_theta_bit_exact():
+    params = _params()
+    sw = SlowWeights([(f"p{i}", p) for i, p in enumerate(params)])
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1)
+        params[3][0] = float("nan")
+    before = [p.detach().clone() for p in params]
+    assert not sw.sync(0.5, stats=True).applied
+    for a, b in zip(before, params):
+        torch.testing.assert_close(b.detach(), a, atol=0, rtol=0, equal_nan=True)
