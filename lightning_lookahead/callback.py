@@ -83,6 +83,7 @@ class LookaheadCallback(Callback):
         self._pending: dict[str, Any] | None = None  # checkpoint tensors waiting for the optimizers
         self._pending_state: dict[str, Any] | None = None
         self._stage: str | None = None
+        self._warned_missing = False
         self._eval_swapped = False  # we swapped the slow weights in for an evaluation loop
         self._logged_syncs: dict[int, object] = {}
         self._next_rank_check = self.check_ranks_every
@@ -120,8 +121,10 @@ class LookaheadCallback(Callback):
         if self.attached:
             return
         self.lookahead.attach(trainer.optimizers, pl_module)  # phi := current (maybe restored) weights
-        # the distance costs two passes per sync: measure it only if someone will see it
-        self.lookahead.measure_distance = self.log_stats and bool(trainer.loggers)
+        # the distance costs extra passes per sync: measure it only if someone will see it. With
+        # shards it needs a collective, so there it must not depend on a per-rank logger choice.
+        sharded = any(any(g.sharded) for g in self.lookahead.groups)
+        self.lookahead.measure_distance = self.log_stats and (bool(trainer.loggers) or sharded)
         if self._pending is not None:
             if "sharded_path" in self._pending:
                 self._pending = self._load_sharded(self._pending["sharded_path"])
@@ -191,7 +194,9 @@ class LookaheadCallback(Callback):
         self._eval_swapped = False
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._end_eval()
+        # fit is over (Lightning re-raises, or ends gracefully on Ctrl-C): as after a normal end,
+        # the module holds the slow weights and the callback keeps the fast ones for a checkpoint
+        self.on_fit_end(trainer, pl_module)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.lookahead.detach()
@@ -200,10 +205,10 @@ class LookaheadCallback(Callback):
     def _begin_eval(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Outside fit there is nothing to swap: after a fit the module already holds the slow
         # weights, and after ckpt_path / load_state_dict it holds what the user asked for.
-        if trainer.state.fn != "fit" or self.eval_weights == "fast":
+        if trainer.state.fn != "fit":
             return
         self._attach(trainer, pl_module)  # the sanity check runs before on_train_start
-        if self.lookahead.use_slow():
+        if self.eval_weights == "slow" and self.lookahead.use_slow():
             self._eval_swapped = True
 
     def _end_eval(self) -> None:
@@ -281,10 +286,11 @@ class LookaheadCallback(Callback):
         if state:  # empty on ranks > 0 of a gathered state_dict
             keys = _state_dict_keys(pl_module, state)
             missing = [n for n in slow if n not in keys]
-            if missing:
-                raise RuntimeError(
-                    f"Lookahead cannot find the state_dict entries of parameters {missing[:5]}; the slow weights"
-                    " would silently be missing from the checkpoint."
+            if missing and not self._warned_missing:  # e.g. a state_dict hook that drops them
+                self._warned_missing = True
+                rank_zero_warn(
+                    f"Lookahead: parameters {missing[:5]} have no state_dict entry, so their slow weights are"
+                    " not in checkpoint['state_dict'] (their fast weights are in checkpoint['lookahead'])."
                 )
             for name, ks in keys.items():
                 for key in ks:

@@ -102,9 +102,11 @@ def world_size() -> int:
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum ``t`` over ranks in place (no-op in a single process)."""
+    """Sum ``t`` over ranks (returns ``t`` itself in a single process)."""
     if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        on = t.to(_collective_device(t))
+        dist.all_reduce(on, op=dist.ReduceOp.SUM)
+        t = on.to(t.device)
     return t
 
 
@@ -140,6 +142,7 @@ def check_replicated(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
 
 
 def _collective_device(t: Tensor) -> torch.device:
-    # NCCL needs CUDA tensors; gloo takes CPU ones.
-    backend = dist.get_backend()
-    return t.device if backend == "nccl" else torch.device("cpu")
+    # NCCL needs CUDA tensors (also for CPU-offloaded shards); gloo takes CPU ones.
+    if dist.get_backend() == "nccl":
+        return t.device if t.is_cuda else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

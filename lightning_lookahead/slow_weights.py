@@ -76,8 +76,8 @@ class SlowWeights:
         path         passes                                              traffic
         ===========  ==================================================  =======
         lean         ||theta|| guard, lerp_(phi, theta), copy_(theta)    6x
-        stats        ||theta - phi|| (block temporary), ||phi||, then    7x + d
-                     the same lerp_ and copy_
+        stats        the same guard, ||theta - phi|| (block temporary),  8x + d
+                     ||phi||, then the same lerp_ and copy_
         ===========  ==================================================  =======
 
         Both paths apply the identical update, so a run's trajectory does not depend on whether
@@ -86,6 +86,8 @@ class SlowWeights:
         training.
         """
         assert not self.swapped, "sync while the slow weights are swapped in"
+        if not self.buckets:  # an optimizer whose parameters are all frozen (for now)
+            return SyncStats(applied=True)
         return self._sync_stats(alpha) if stats else self._sync_lean(alpha)
 
     def _all_finite(self, total: Tensor) -> bool:
@@ -102,22 +104,25 @@ class SlowWeights:
         for theta, phi in self._pairs():
             yield from _cache_blocks(theta, phi)
 
+    def _theta_finite(self) -> bool:
+        # one guard for both paths (float32 norms of theta), so they always decide alike
+        return self._all_finite(_total([_sq_norm(theta) for theta, _ in self._pairs()]))
+
     def _sync_lean(self, alpha: float) -> SyncStats:
-        guard = [_sq_norm(theta) for theta, _ in self._pairs()]  # finite iff theta is (or |theta| > ~1e19)
-        ok = self._all_finite(_total(guard))
+        ok = self._theta_finite()
         if ok:
             self._apply(alpha)
         return SyncStats(applied=ok)
 
     def _sync_stats(self, alpha: float) -> SyncStats:
+        ok = self._theta_finite()
         d_sq, phi_sq = [], []
         for theta, phi in self._blocks():
-            # d lives in a block-sized temporary (cache-resident on CPU, bounded on GPU), so a
-            # skipped sync leaves theta bit-exact and both paths apply the very same update
-            d_sq.append(_sq_norm(torch._foreach_sub(theta, phi)))  # finite iff theta is
+            # d lives in a block-sized temporary (cache-resident on CPU, bounded on GPU): theta
+            # is never written before the update, which is the lean path's own
+            d_sq.append(_sq_norm(torch._foreach_sub(theta, phi)))
             phi_sq.append(_sq_norm(phi))
         total_d, total_phi = _total(d_sq), _total(phi_sq)
-        ok = self._all_finite(total_d)
         if ok:
             self._apply(alpha)
         rel = total_d.sqrt() / total_phi.sqrt().clamp_min(1e-30)

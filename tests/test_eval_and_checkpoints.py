@@ -59,9 +59,12 @@ def test_swap_back_is_bit_exact_and_survives_validation_exception():
     cb, snap = LookaheadCallback(k=4, alpha=0.5), Snapshot()
     with pytest.raises(RuntimeError, match="boom"):
         trainer(max_epochs=1, callbacks=[cb, snap]).fit(model, loader(), loader(1))
-    # the exception hit while the slow weights were swapped in: the fast ones must be back
-    assert not cb.lookahead.swapped
-    assert torch.equal(_flat(model.parameters()), snap.fast[-1])
+    # the exception hit while the slow weights were swapped in for validation: fit is over, so as
+    # after a normal end the module holds the slow weights and the fast ones are intact in the callback
+    assert cb.lookahead.swapped
+    assert torch.equal(_flat(cb.lookahead.tensors()["fast"].values()), snap.fast[-1])
+    _, slow_ref = reference_lookahead("sgd", 4, 0.5, n_batches=6)
+    torch.testing.assert_close(_flat(model.parameters()), _flat(slow_ref), atol=1e-6, rtol=0)
 
 
 def test_unpaired_hooks_never_train_on_slow_weights():
@@ -322,3 +325,26 @@ def test_evaluation_after_a_failed_fit_uses_the_requested_weights(tmp_path):
     model.val_param_snapshots.clear()
     t.test(model, loader(1), verbose=False)
     assert torch.equal(_flat(model.val_param_snapshots[-1]), _flat(wanted.parameters()))
+
+
+def _drop_prompt(module, state_dict, prefix, local_metadata):
+    state_dict.pop(prefix + "prompt", None)
+
+
+def test_parameter_left_out_of_state_dict_warns_instead_of_failing(tmp_path):
+    class Hidden(RegressionModule):
+        def __init__(self):
+            super().__init__("sgd")
+            self.prompt = torch.nn.Parameter(torch.zeros(2))
+            self._register_state_dict_hook(_drop_prompt)
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) + self.prompt.square().sum()
+
+    model = Hidden()
+    t = trainer(max_epochs=1, callbacks=[LookaheadCallback(k=4, alpha=0.5)])
+    t.fit(model, loader())
+    with pytest.warns(UserWarning, match="no state_dict entry"):
+        t.save_checkpoint(tmp_path / "h.ckpt")
+    ckpt = torch.load(tmp_path / "h.ckpt", weights_only=True)
+    assert "prompt" not in ckpt["state_dict"] and "prompt" in ckpt[CHECKPOINT_KEY]["fast"]

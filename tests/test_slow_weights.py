@@ -102,3 +102,9 @@ def test_skipped_sync_leaves_theta_bit_exact():
     assert not sw.sync(0.5, stats=True).applied
     for a, b in zip(before, params):
         torch.testing.assert_close(b.detach(), a, atol=0, rtol=0, equal_nan=True)
+
+
+def test_group_without_trainable_parameters_syncs_as_a_no_op():
+    sw = SlowWeights([])
+    for stats in (True, False):
+        assert sw.sync(0.5, stats=stats).applied
