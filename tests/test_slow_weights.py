@@ -16,11 +16,15 @@ def _params():
     return [torch.nn.Parameter(t) for t in (big, transposed, *small, double)]
 
 
+def _slow_weights() -> tuple[list[torch.nn.Parameter], SlowWeights]:
+    params = _params()
+    return params, SlowWeights([(f"p{i}", p) for i, p in enumerate(params)])
+
+
 @pytest.mark.parametrize("stats", [True, False])
 @pytest.mark.parametrize("alpha", [0.5, 0.8, 1.0])
 def test_sync_matches_the_formula_on_blocked_and_odd_tensors(stats, alpha):
-    params = _params()
-    sw = SlowWeights([(f"p{i}", p) for i, p in enumerate(params)])
+    params, sw = _slow_weights()
     phi = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p in params:
@@ -42,8 +46,7 @@ def test_sync_matches_the_formula_on_blocked_and_odd_tensors(stats, alpha):
 
 @pytest.mark.parametrize("stats", [True, False])
 def test_nonfinite_anywhere_keeps_phi_bit_exact(stats):
-    params = _params()
-    sw = SlowWeights([(f"p{i}", p) for i, p in enumerate(params)])
+    params, sw = _slow_weights()
     before = [t.clone() for t in sw.slow_tensors().values()]
     with torch.no_grad():
         params[0][2 * CPU_BLOCK + 3] = float("inf")  # in a late block of the big tensor
@@ -63,8 +66,7 @@ def test_half_precision_large_norm_is_not_mistaken_for_overflow(dtype):
 
 
 def test_swap_is_a_pointer_exchange():
-    params = _params()
-    sw = SlowWeights([(f"p{i}", p) for i, p in enumerate(params)])
+    params, sw = _slow_weights()
     with torch.no_grad():
         for p in params:
             p.add_(1.0)
@@ -81,8 +83,7 @@ def test_both_sync_paths_apply_the_identical_update(alpha):
     """Measuring the distance must not change the trajectory (resume with another logger setup)."""
     runs = []
     for stats in (True, False):
-        params = _params()
-        sw = SlowWeights([(f"p{i}", p) for i, p in enumerate(params)])
+        params, sw = _slow_weights()
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=p.dtype) * 0.1)
@@ -92,8 +93,7 @@ def test_both_sync_paths_apply_the_identical_update(alpha):
 
 
 def test_skipped_sync_leaves_theta_bit_exact():
-    params = _params()
-    sw = SlowWeights([(f"p{i}", p) for i, p in enumerate(params)])
+    params, sw = _slow_weights()
     with torch.no_grad():
         for p in params:
             p.add_(0.1)
