@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+import weakref
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_lookahead import distributed, inner_state
@@ -17,6 +20,7 @@ EvalWeights = Literal["slow", "fast"]
 CHECKPOINT_KEY = "lookahead"  # top-level checkpoint entry with the fast weights (not the callback state)
 FAST_PREFIX = "_lookahead_fast."  # distributed checkpoints: our shards live in state_dict under these
 MOMENT_PREFIX = "_lookahead_slow_moment."
+NOT_STARTED = "not_started"  # checkpoint written in a fit before its first training step
 
 
 class LookaheadCallback(Callback):
@@ -32,8 +36,9 @@ class LookaheadCallback(Callback):
     Validation (including the sanity check), testing and prediction see the slow weights, and
     ``checkpoint["state_dict"]`` holds them, so ``Model.load_from_checkpoint(path)`` gives the
     deployable model without this callback. The fast weights and step counters ride along in the
-    checkpoint, so ``trainer.fit(..., ckpt_path=path)`` continues exactly. When ``fit`` ends the
-    module holds the slow weights.
+    checkpoint, so ``trainer.fit(..., ckpt_path=path)`` continues exactly. From this callback's
+    ``on_train_end`` on (so in ``LightningModule.on_train_end``, in every callback listed after
+    this one, and in ``on_fit_end``) the module holds the slow weights.
 
     Args:
         k: optimizer steps between syncs (per optimizer), an int >= 1.
@@ -44,13 +49,17 @@ class LookaheadCallback(Callback):
         eval_weights: ``"slow"`` (default) or ``"fast"``: which weights validation sees during fit.
         on_nonfinite: ``"warn"`` (once) or ``"raise"`` when the fast weights hold inf/nan at a
             sync; the sync is skipped either way and the slow weights are never contaminated.
-        check_ranks_every: in multi-process runs, compare a checksum of the slow weights across
-            ranks every this many syncs (one collective) and raise on a mismatch; ``None`` never.
+        check_ranks_every: in multi-process runs, compare the slow weights and the step counters
+            across ranks about every this many syncs (every ``check_ranks_every * k`` optimizer
+            steps' worth of batches, which all ranks run together, and at the end of training)
+            with one collective, and raise :class:`~lightning_lookahead.RankMismatchError` on
+            every rank on a mismatch; ``None`` never.
         log_stats: log ``lookahead/syncs`` and ``lookahead/rel_distance``
-            (:math:`\|\theta-\phi\|/\|\phi\|` before the sync) on sync steps. Measuring the
-            distance costs two extra passes over the parameters per sync, so it is only measured
-            when the Trainer has a logger; ``False`` (or no logger) takes the lean sync path
-            (about 40% less memory traffic per sync).
+            (:math:`\|\theta-\phi\|/\|\phi\|` before the latest sync) at the Trainer's logging
+            cadence (``log_every_n_steps``), only when a sync happened since the last row. Measuring
+            the distance costs two extra passes over the parameters per sync, so it is only
+            measured when the Trainer has a logger; ``False`` (or no logger) takes the lean sync
+            path (about 40% less memory traffic per sync).
 
     Example::
 
@@ -80,37 +89,44 @@ class LookaheadCallback(Callback):
         self.inner_state, self.on_nonfinite = self.lookahead.inner_state, self.lookahead.on_nonfinite
         self.eval_weights: EvalWeights = check_choice("eval_weights", eval_weights, ("slow", "fast"))  # type: ignore[assignment]
         self.check_ranks_every = check_optional_int("check_ranks_every", check_ranks_every)
-        self._pending: dict[str, Any] | None = None  # checkpoint tensors waiting for the optimizers
-        self._pending_state: dict[str, Any] | None = None
+        self._reset_run_state()
         self._stage: str | None = None
-        self._warned_missing = False
+        self._warned: set[str] = set()
+
+    def _reset_run_state(self) -> None:
+        self._pending: dict[str, Any] | None = None  # checkpoint tensors waiting to be applied
+        self._pending_state: dict[str, Any] | None = None  # checkpoint counters, likewise
         self._eval_swapped = False  # we swapped the slow weights in for an evaluation loop
-        self._logged_syncs: dict[int, object] = {}
-        self._next_rank_check = self.check_ranks_every
+        self._logged_syncs = 0  # lookahead.syncs + skipped at the last logger row (or at attach)
+        self._batches = 0  # training batches this fit, identical on every rank (the rank-check clock)
 
     def _new_core(self) -> Lookahead:
         return Lookahead(self.k, self.alpha, self.inner_state, self.on_nonfinite, self.log_stats)
 
     @property
     def attached(self) -> bool:
+        """True once this fit's slow weights exist (from the start of training until the next fit)."""
         return bool(self.lookahead.groups)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if sum(isinstance(c, LookaheadCallback) for c in trainer.callbacks) > 1:
             raise ValueError("Only one LookaheadCallback can be used per Trainer.")
-        distributed_check_strategy(trainer)
+        check_strategy(trainer)
+        check_callbacks(trainer)
         self._stage = stage
         if stage != "fit":
             return
         self.lookahead.detach()
         self.lookahead = self._new_core()  # every fit starts from the module's current weights...
-        self._pending = self._pending_state = None  # ...unless a checkpoint is restored below
-        self._eval_swapped = False
-        self._logged_syncs = {}
-        self._next_rank_check = self.check_ranks_every
+        self._reset_run_state()  # ...unless a checkpoint is restored below
         for cb in trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.save_weights_only:
+            if _is(cb, "callbacks", "ModelCheckpoint") and cb.save_weights_only:  # type: ignore[attr-defined]
                 rank_zero_warn(
                     "ModelCheckpoint(save_weights_only=True) skips callback hooks, so its checkpoints hold"
                     " the fast weights and cannot resume Lookahead; use save_weights_only=False."
@@ -121,21 +137,57 @@ class LookaheadCallback(Callback):
         if self.attached:
             return
         self.lookahead.attach(trainer.optimizers, pl_module)  # phi := current (maybe restored) weights
+        self.lookahead.gate = _Listed(self, trainer)
         # the distance costs extra passes per sync: measure it only if someone will see it. With
         # shards it needs a collective, so there it must not depend on a per-rank logger choice.
         sharded = any(any(g.sharded) for g in self.lookahead.groups)
         self.lookahead.measure_distance = self.log_stats and (bool(trainer.loggers) or sharded)
-        if self._pending is not None:
-            if "sharded_path" in self._pending:
-                self._pending = self._load_sharded(self._pending["sharded_path"])
-            self.lookahead.load_tensors(self._pending)
-        if self._pending_state is not None:
-            self.lookahead.load_state_dict(self._pending_state)
+        self._apply_pending(trainer)
+
+    def _apply_pending(self, trainer: Trainer) -> None:
+        pending, state = self._pending, self._pending_state
         self._pending = self._pending_state = None
+        if pending is not None:
+            if "sharded_path" in pending:
+                pending = self._load_sharded(pending["sharded_path"])
+            self.lookahead.load_tensors(pending)
+        if state is not None:
+            self.lookahead.load_state_dict(state)
+        self._logged_syncs = self.lookahead.syncs + self.lookahead.skipped  # log only syncs from here on
+
+    def _catch_up(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Bring Lookahead in line with what the Trainer did since the last hook: a checkpoint
+        restored in the middle of fit (the LR finder and batch-size finder roll back their trials
+        this way), optimizers that were re-created, step counting stopped by a nested loop."""
+        if not self.attached:
+            return
+        if self._pending is not None or self._pending_state is not None:
+            self._restore_attached(trainer, pl_module)
+        if self.lookahead.swapped:
+            return  # evaluation in progress: the optimizers cannot step now
+        if self.lookahead.follow(trainer.optimizers):
+            self._warn_once(
+                "follow",
+                "Lookahead: the Trainer's optimizers were replaced during fit; the slow weights carry over"
+                " by parameter name and the step counters by optimizer index.",
+            )
+
+    def _restore_attached(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The module's parameters now hold the checkpoint's state_dict, i.e. its slow weights.
+        if self._pending is not None and self._pending.get("reset"):  # saved before Lookahead started
+            self._pending = self._pending_state = None
+            self.lookahead.detach()
+            self.lookahead = self._new_core()
+            self._attach(trainer, pl_module)
+            return
+        self.lookahead.take_slow_from_parameters()
+        self.lookahead.follow(trainer.optimizers)
+        self._apply_pending(trainer)
 
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._attach(trainer, pl_module)
+        self._catch_up(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # Unpaired eval hooks (an exception caught elsewhere, a custom loop) must never leave
@@ -143,63 +195,99 @@ class LookaheadCallback(Callback):
         if self.lookahead.swapped:
             self.lookahead.use_fast()
             self._eval_swapped = False
+        self._catch_up(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.log_stats:
+        if self.log_stats and trainer.loggers:
             self._log_syncs(trainer)
-        if self._next_rank_check is not None and self.lookahead.syncs >= self._next_rank_check:
-            self._next_rank_check = self.lookahead.syncs + self.check_ranks_every  # type: ignore[operator]
+        self._batches += 1
+        every = self.check_ranks_every
+        if every is not None and self._batches % (every * self.k * trainer.accumulate_grad_batches) == 0:
             self._check_ranks()
 
     def _check_ranks(self) -> None:
-        """Replicated slow weights must be bit-identical on every rank (shards differ by design)."""
+        """Replicated slow weights must be bit-identical on every rank (shards differ by design),
+        and so must the step and sync counters. Runs at batch counts every rank reaches together."""
         names, tensors = [], []
         for g in self.lookahead.groups:
             for name, slow, sharded in zip(g.names, g.slow_tensors().values(), g.sharded):
                 if not sharded:
                     names.append(name)
                     tensors.append(slow)
+        la = self.lookahead
+        counters = {f"step counter of optimizer {i}": s for i, s in enumerate(la.steps)}
+        counters.update({"sync counter": la.syncs, "skipped-sync counter": la.skipped})
+        names += list(counters)
+        tensors += [torch.tensor(float(v), dtype=torch.float64) for v in counters.values()]
         distributed.check_replicated(names, tensors)
 
     def _log_syncs(self, trainer: Trainer) -> None:
         # Straight to the loggers, not LightningModule.log: Lightning re-logs a step metric's last
         # value on every later step of the epoch, which would fake syncs that did not happen.
-        stats = self.lookahead.last_stats
-        new = [i for i, s in stats.items() if self._logged_syncs.get(i) is not s]
-        if not new:
-            return  # non-sync step: nothing computed, nothing read from the device
-        multi = len(self.lookahead.groups) > 1
-        metrics: dict[str, float] = {"lookahead/syncs": float(self.lookahead.syncs)}
-        for i in new:
-            s = stats[i]
-            self._logged_syncs[i] = s
+        # Rows follow the Trainer's cadence (log_every_n_steps) and only when a sync happened
+        # since the last row, so nothing is read from the device on other steps.
+        la = self.lookahead
+        done = la.syncs + la.skipped
+        if done == self._logged_syncs or not _should_log(trainer):
+            return
+        self._logged_syncs = done
+        multi = len(la.groups) > 1
+        metrics: dict[str, float] = {"lookahead/syncs": float(la.syncs)}
+        for i, s in la.last_stats.items():
             rel = s.rel_distance
             if rel is None:
                 continue
-            if any(self.lookahead.groups[i].sharded):  # shards: sum the squares over ranks first
+            if any(la.groups[i].sharded):  # shards: sum the squares over ranks first
                 both = distributed.all_reduce_sum(torch.stack([s.d_sq, s.phi_sq]))
                 rel = both[0].sqrt() / both[1].sqrt().clamp_min(1e-30)
-            metrics[f"lookahead/rel_distance{f'/opt{i}' if multi else ''}"] = float(rel)  # host sync: sync steps only
+            metrics[f"lookahead/rel_distance{f'/opt{i}' if multi else ''}"] = float(rel)  # host read: log steps only
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # The deployable model: leave the slow weights in the module (the fast ones stay in the
-        # callback, so a later trainer.save_checkpoint still writes a resumable checkpoint).
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The deployable model from here on: LightningModule.on_train_end, later callbacks (export,
+        # save_pretrained, ONNX) and on_fit_end see the slow weights; the fast ones stay in the
+        # callback, so a later trainer.save_checkpoint still writes a resumable checkpoint.
+        self._catch_up(trainer, pl_module)
+        if self.check_ranks_every is not None:
+            self._check_ranks()  # every rank reaches the end of training together
+        self._warn_if_unsynced("the end of training leaves the initial weights in the module")
+        self._finish()
+
+    def _finish(self) -> None:
         self.lookahead.detach()
         self.lookahead.use_slow()
         self._eval_swapped = False
 
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A resume of a finished run skips the training loop: attach anyway, so the restored fast
+        # weights and counters are kept (and written by a later trainer.save_checkpoint).
+        if not self.attached and self._pending is not None:
+            self._attach(trainer, pl_module)
+        self._catch_up(trainer, pl_module)
+        self._finish()
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # fit is over (Lightning re-raises, or ends gracefully on Ctrl-C): as after a normal end,
         # the module holds the slow weights and the callback keeps the fast ones for a checkpoint
-        self.on_fit_end(trainer, pl_module)
+        self._finish()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.lookahead.detach()
+
+    def _warn_if_unsynced(self, what: str) -> None:
+        la = self.lookahead
+        if self.attached and la.syncs == 0 and any(la.steps):
+            self._warn_once(
+                "unsynced",
+                f"Lookahead: {what}: only {max(la.steps)} optimizer step(s) ran and the first sync comes after"
+                f" k={self.k}, so the slow weights still equal the weights training started from. Runs shorter"
+                " than k steps (fast_dev_run, limit_train_batches) evaluate and save those; use a smaller k, or"
+                " eval_weights='fast' to validate the fast weights.",
+            )
 
     # ------------------------------------------------------------------ evaluation
     def _begin_eval(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -208,8 +296,12 @@ class LookaheadCallback(Callback):
         if trainer.state.fn != "fit":
             return
         self._attach(trainer, pl_module)  # the sanity check runs before on_train_start
-        if self.eval_weights == "slow" and self.lookahead.use_slow():
-            self._eval_swapped = True
+        self._catch_up(trainer, pl_module)
+        if self.eval_weights == "slow":
+            if not trainer.sanity_checking:
+                self._warn_if_unsynced("validation evaluates the weights training started from")
+            if self.lookahead.use_slow():
+                self._eval_swapped = True
 
     def _end_eval(self) -> None:
         if self._eval_swapped:
@@ -236,7 +328,9 @@ class LookaheadCallback(Callback):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return self.lookahead.state_dict() if self.attached else {}
+        if self.attached:
+            return self.lookahead.state_dict()
+        return dict(self._pending_state or {})  # restored but not attached yet: keep it in new checkpoints
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict or self._stage != "fit":  # Lightning restores callbacks for validate/test too
@@ -246,7 +340,7 @@ class LookaheadCallback(Callback):
             for name in ("k", "alpha", "inner_state")
             if name in state_dict and state_dict[name] != getattr(self, name)
         }
-        if changed:
+        if changed and not self.attached:  # a mid-fit restore (a tuner's rollback) is our own state
             rank_zero_warn(
                 f"Lookahead: the checkpoint was saved with {changed}; continuing with"
                 f" k={self.k}, alpha={self.alpha}, inner_state={self.inner_state!r}."
@@ -259,9 +353,14 @@ class LookaheadCallback(Callback):
         Three layouts, following the strategy's own: plain tensors (single process, DDP); DTensor
         shards in a distributed checkpoint (ours go into ``state_dict`` under a prefix, so every
         rank writes its own shards); full tensors gathered from shards (a collective, all ranks).
+        Parameters without slow weights (frozen, or updated by no optimizer) are saved as they are.
         """
         if not self.attached:
+            self._save_unattached(trainer, checkpoint)
             return
+        self._catch_up(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self._warn_if_unsynced("a checkpoint stores the weights training started from as the model")
         tensors = self.lookahead.tensors()
         params = dict(pl_module.named_parameters())
         state = checkpoint["state_dict"]
@@ -286,13 +385,15 @@ class LookaheadCallback(Callback):
         if state:  # empty on ranks > 0 of a gathered state_dict
             keys = _state_dict_keys(pl_module, state)
             missing = [n for n in slow if n not in keys]
-            if missing and not self._warned_missing:  # e.g. a state_dict hook that drops them
-                self._warned_missing = True
-                rank_zero_warn(
+            if missing:  # e.g. a state_dict hook that drops them
+                self._warn_once(
+                    "missing",
                     f"Lookahead: parameters {missing[:5]} have no state_dict entry, so their slow weights are"
-                    " not in checkpoint['state_dict'] (their fast weights are in checkpoint['lookahead'])."
+                    " not in checkpoint['state_dict'] (their fast weights are in checkpoint['lookahead']).",
                 )
             for name, ks in keys.items():
+                if name not in slow:  # frozen or not optimised: the module's value is the only one
+                    continue
                 for key in ks:
                     state[key] = slow[name] if sharded_file else slow[name].to(state[key].device)
         if sharded_file:
@@ -302,15 +403,39 @@ class LookaheadCallback(Callback):
         elif keep:
             checkpoint[CHECKPOINT_KEY] = {"fast": fast, "slow_moments": moments}
 
+    def _save_unattached(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+        if self._pending is not None and "fast" in self._pending:
+            # restored from a checkpoint whose training loop never ran (a finished run): pass it on
+            checkpoint[CHECKPOINT_KEY] = {"fast": self._pending["fast"], "slow_moments": self._pending["slow_moments"]}
+        elif self._stage == "fit":
+            # before this fit's first training step (a tuner saving its rollback point): resuming
+            # from here starts Lookahead afresh, which is what this marker says
+            checkpoint[CHECKPOINT_KEY] = {"layout": NOT_STARTED}
+        elif self._stage is None:
+            # e.g. the main process after strategy="ddp_spawn": fit ran in worker processes, and
+            # Lightning copies back only the module's weights (the slow ones)
+            self._warn_once(
+                "stateless",
+                "Lookahead: this process's LookaheadCallback never took part in a fit (with ddp_spawn, fit runs"
+                " in worker processes), so this checkpoint holds the module's weights without Lookahead's fast"
+                " weights and counters: fine for deployment, but fit(ckpt_path=...) from it starts a new"
+                " Lookahead run. Use ModelCheckpoint for resumable checkpoints: it saves inside the workers.",
+            )
+
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn != "fit":
             return  # evaluation: checkpoint["state_dict"] already holds the slow weights
         entry = checkpoint.get(CHECKPOINT_KEY)
-        if entry is None:
-            rank_zero_warn(
-                "Lookahead: the checkpoint was written without LookaheadCallback; starting with"
-                " slow = fast = the loaded weights."
-            )
+        if entry is None or entry.get("layout") == NOT_STARTED:
+            if entry is None and not self.attached:
+                rank_zero_warn(
+                    "Lookahead: the checkpoint was written without LookaheadCallback; starting with"
+                    " slow = fast = the loaded weights."
+                )
+            # attached: a rollback to weights from before Lookahead started; applied at the next
+            # hook (_catch_up), once the module holds them
+            self._pending = {"reset": True} if self.attached else None
+            self._pending_state = None
         elif entry.get("layout") == "sharded":
             self._pending = {"sharded_path": str(trainer.ckpt_path)}
         else:
@@ -354,13 +479,72 @@ def _state_dict_keys(module: torch.nn.Module, state: dict[str, Any]) -> dict[str
     return out
 
 
-def distributed_check_strategy(trainer: Trainer) -> None:
-    """Refuse strategies whose parameter layout we cannot serve correctly (never run silently wrong)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+class _Listed:
+    """Lookahead's step gate: true while the callback is in ``trainer.callbacks``. Lightning's LR
+    and batch-size finders take the callbacks out while their trial loops step the optimizers."""
 
-    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+    def __init__(self, callback: LookaheadCallback, trainer: Trainer) -> None:
+        self.callback = callback
+        self.trainer: weakref.ref[Trainer] | None = weakref.ref(trainer)
+
+    def __call__(self) -> bool:
+        trainer = self.trainer() if self.trainer is not None else None
+        return trainer is None or any(c is self.callback for c in trainer.callbacks)
+
+    def __getstate__(self) -> dict[str, Any]:  # a weak reference does not pickle; a copy is ungated
+        return {"callback": self.callback, "trainer": None}
+
+
+def _should_log(trainer: Trainer) -> bool:
+    """Whether Lightning writes step metrics to the loggers on the batch that just ended
+    (its ``_LoggerConnector.should_update_logs``, evaluated in ``on_train_batch_end``)."""
+    if trainer.log_every_n_steps == 0:
+        return False
+    loop = trainer.fit_loop
+    if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
+        return False
+    step = loop.epoch_loop._batches_that_stepped + 1  # incremented after this hook
+    return step % trainer.log_every_n_steps == 0 or trainer.should_stop or bool(trainer.fast_dev_run)
+
+
+def _is(obj: object, module: str, *names: str) -> bool:
+    """isinstance against Lightning classes of both namespaces (``lightning.pytorch.<module>`` and
+    ``pytorch_lightning.<module>``); a namespace that was never imported cannot own ``obj``."""
+    for root in ("lightning.pytorch", "pytorch_lightning"):
+        if root.split(".")[0] not in sys.modules:
+            continue
+        try:
+            mod = importlib.import_module(f"{root}.{module}")
+        except ImportError:  # pragma: no cover - a partial install
+            continue
+        classes = tuple(c for c in (getattr(mod, n, None) for n in names) if isinstance(c, type))
+        if classes and isinstance(obj, classes):
+            return True
+    return False
+
+
+def check_strategy(trainer: Trainer) -> None:
+    """Refuse strategies whose parameter layout we cannot serve correctly (never run silently wrong)."""
+    if _is(trainer.strategy, "strategies", "FSDPStrategy", "DeepSpeedStrategy"):
         raise ValueError(
             f"LookaheadCallback does not support {type(trainer.strategy).__name__}: its flattened/partitioned"
             " parameters do not match the module's parameter names. Use strategy='ddp' or"
             " ModelParallelStrategy with torch.distributed.fsdp.fully_shard (FSDP2) in configure_model."
         )
+
+
+distributed_check_strategy = check_strategy  # the name of the first release
+
+
+def check_callbacks(trainer: Trainer) -> None:
+    """Refuse callbacks that also own the module's weights at evaluation, at the end and in checkpoints."""
+    for cb in trainer.callbacks:
+        if _is(cb, "callbacks", "WeightAveraging", "StochasticWeightAveraging"):
+            raise ValueError(
+                f"LookaheadCallback cannot be combined with {type(cb).__name__}: both swap their own weights"
+                " into the module for validation, at the end of fit and in checkpoints, and neither can honour"
+                " the other's contract (the module would end with one callback's weights and the checkpoint"
+                " with a mix). Use one of them. Lookahead's slow weights are already an average along the"
+                " trajectory; to average further, train with Lookahead, then fine-tune from its slow weights"
+                f" with {type(cb).__name__} alone."
+            )

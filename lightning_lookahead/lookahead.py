@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -53,6 +53,16 @@ def check_optional_int(name: str, value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"Lookahead `{name}` must be None or an int >= 1, got {value!r}")
     return int(value)
+
+
+class _StepHook:
+    """An optimizer step post-hook that counts for one optimizer (a class, so it pickles)."""
+
+    def __init__(self, lookahead: Lookahead, index: int) -> None:
+        self.lookahead, self.index = lookahead, index
+
+    def __call__(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self.lookahead.on_step(self.index, optimizer)
 
 
 class Lookahead:
@@ -103,6 +113,9 @@ class Lookahead:
         self.last_stats: dict[int, SyncStats] = {}  # optimizer index -> stats of its latest sync
         self._handles: list[RemovableHandle] = []
         self._warned_nonfinite = False
+        # a step counts only while gate() is true (None: always). The callback closes it while a
+        # tuner's trial loop steps the optimizers, so trials leave Lookahead's state untouched.
+        self.gate: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------ attach
     def attach(self, optimizers: Sequence[Optimizer], module: nn.Module) -> None:
@@ -122,14 +135,49 @@ class Lookahead:
         self.steps = [0] * len(self.optimizers)
         self.slow_moments = [{} for _ in self.optimizers]
         self.last_stats = {}
-        self._handles = [opt.register_step_post_hook(self._make_hook(i)) for i, opt in enumerate(self.optimizers)]
+        self.hook()
 
-    def _claim(self, index: int) -> list[tuple[str, Tensor]]:
-        """Trainable parameters of optimizer ``index`` that have no slow weights yet, named."""
+    @property
+    def attached(self) -> bool:
+        """True between :meth:`attach` and :meth:`detach` (steps are being counted)."""
+        return bool(self._handles)
+
+    def follow(self, optimizers: Sequence[Optimizer]) -> bool:
+        """Move to new optimizers that replaced the attached ones (same module); returns whether
+        anything changed.
+
+        Slow weights carry over by parameter name; step counters carry over by optimizer index (a
+        new index starts at 0); pullback's slow moments are dropped, since they belonged to the
+        old optimizers' state. Parameters the new optimizers update for the first time start with
+        slow = their current values. Call it while the fast weights are in the parameters.
+        """
+        optimizers = list(optimizers)
+        if len(optimizers) == len(self.optimizers) and all(a is b for a, b in zip(optimizers, self.optimizers)):
+            return False
+        for opt in optimizers:
+            inner.check_supported(opt, self.inner_state)
+        assert not self.swapped, "follow() while the slow weights are swapped in"
+        slow: dict[str, Tensor] = {}
+        for g in self.groups:
+            slow.update(g.slow_tensors())
+        steps = self.steps
+        self.detach()
+        self.optimizers = optimizers
+        self._owner = {}
+        self.groups = [SlowWeights(self._claim(i), slow=slow) for i in range(len(optimizers))]
+        self.steps = [steps[i] if i < len(steps) else 0 for i in range(len(optimizers))]
+        self.slow_moments = [{} for _ in optimizers]
+        self.last_stats = {}
+        self.hook()
+        return True
+
+    def _claim(self, index: int, include: frozenset[str] = frozenset()) -> list[tuple[str, Tensor]]:
+        """Parameters of optimizer ``index`` that have no slow weights yet, named: the trainable
+        ones, plus frozen ones whose names are in ``include``."""
         opt, named = self.optimizers[index], []
         for group in opt.param_groups:
             for p in group["params"]:
-                if not p.requires_grad or self._owner.get(p) == index:
+                if self._owner.get(p) == index or not (p.requires_grad or self._names.get(p) in include):
                     continue
                 if p in self._owner:
                     raise ValueError(
@@ -164,19 +212,38 @@ class Lookahead:
             h.remove()
         self._handles = []
 
-    def _make_hook(self, index: int):
-        def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-            # GradScaler skips a non-fused step by not calling step() at all; an optimizer with its
-            # own AMP handling (fused=True) is called anyway with `found_inf` set: read it (one host
-            # read per step, only in that case) so a skipped step is not counted.
-            found_inf = getattr(optimizer, "found_inf", None)
-            if found_inf is not None and bool(found_inf):
-                return
-            self.steps[index] += 1
-            if self.steps[index] % self.k == 0:  # O(1) python on every other step, no tensor work
-                self.sync(index)
+    def hook(self) -> None:
+        """(Re)start counting the optimizers' steps (:meth:`attach` does this)."""
+        self.detach()
+        self._handles = [opt.register_step_post_hook(_StepHook(self, i)) for i, opt in enumerate(self.optimizers)]
 
-        return hook
+    def on_step(self, index: int, optimizer: Optimizer) -> None:
+        """Count a step of optimizer ``index`` (its step post-hook) and sync every ``k``-th one."""
+        # GradScaler skips a non-fused step by not calling step() at all; an optimizer with its
+        # own AMP handling (fused=True) is called anyway with `found_inf` set: read it (one host
+        # read per step, only in that case) so a skipped step is not counted.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return
+        if self.gate is not None and not self.gate():
+            return
+        self.steps[index] += 1
+        if self.steps[index] % self.k == 0:  # O(1) python on every other step, no tensor work
+            self.sync(index)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Hook handles refer to the optimizers' hook dicts, which optimizers do not pickle: a copy
+        # (pickle, deepcopy) re-hooks its own copies of the optimizers instead.
+        state = self.__dict__.copy()
+        state["_handles"] = bool(self._handles)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        hooked = state.pop("_handles")
+        self.__dict__.update(state)
+        self._handles = []
+        if hooked:
+            self.hook()
 
     # ------------------------------------------------------------ sync
     def sync(self, index: int) -> bool:
@@ -228,6 +295,16 @@ class Lookahead:
                 changed = True
         return changed
 
+    def take_slow_from_parameters(self) -> None:
+        """The parameters were just overwritten with saved slow weights (a checkpoint's
+        ``state_dict`` restored in the middle of a run): make those values ``phi``, in place, then
+        give the parameters back their fast weights with :meth:`load_tensors`."""
+        if self.swapped:  # the values went into the slow storage the parameters were pointing at
+            self._set_swapped(False)
+        else:
+            for g in self.groups:
+                g.copy_parameters_to_slow()
+
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Small, picklable state: numbers and strings only (tensors: :meth:`tensors`)."""
@@ -261,10 +338,20 @@ class Lookahead:
 
     def load_tensors(self, tensors: Mapping[str, Mapping[str, Tensor]]) -> None:
         """Restore after :meth:`attach`: the parameters already hold the slow weights (loaded from
-        ``state_dict``), so ``phi`` is right; copy in the ``fast`` weights and pullback's moments."""
-        saved_moments = tensors.get("slow_moments", {})
+        ``state_dict``), so ``phi`` is right; copy in the ``fast`` weights and pullback's moments.
+
+        Every parameter that had slow weights when the state was saved gets them back, also one
+        that is frozen right now (a fine-tuning callback may unfreeze it before the next step, as
+        in the run that saved it).
+        """
+        fast = dict(tensors["fast"])
+        saved_moments = tensors.get("slow_moments", {}) if self.inner_state == "pullback" else {}
+        for i, g in enumerate(self.groups):
+            new = self._claim(i, include=frozenset(fast))
+            if new:
+                g.add(new)
         for g, opt, moments in zip(self.groups, self.optimizers, self.slow_moments):
-            g.load_fast(dict(tensors["fast"]))
+            g.load_fast(fast)
             moments.clear()
             for name, p in zip(g.names, g.params):
                 live = inner.first_moment(opt, p) if name in saved_moments else None

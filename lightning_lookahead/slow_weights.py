@@ -8,7 +8,7 @@ for non-finite weights is all-reduced (one scalar), so every rank takes the same
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -31,20 +31,22 @@ class SlowWeights:
         ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
     """
 
-    def __init__(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
+    def __init__(self, named_params: Sequence[tuple[str, Tensor]], slow: Mapping[str, Tensor] | None = None) -> None:
         self.names: list[str] = []
         self.params: list[Tensor] = []
         self.stash: list[Tensor] = []
         self.swapped = False  # True: params hold phi and ``stash`` holds theta
-        self.add(named_params)
+        self.add(named_params, slow)
 
-    def add(self, named_params: Sequence[tuple[str, Tensor]]) -> None:
-        """Start slow weights for more parameters, equal to their current (fast) values."""
+    def add(self, named_params: Sequence[tuple[str, Tensor]], slow: Mapping[str, Tensor] | None = None) -> None:
+        """Start slow weights for more parameters: ``slow[name]`` where given (taken over, not
+        copied: e.g. from the group of an optimizer that was replaced), else their current values."""
         assert not self.swapped
+        slow = slow or {}
         self.names += [n for n, _ in named_params]
         self.params += [p for _, p in named_params]
         # Our own storage, never an alias: clone() keeps strides so a pointer swap is shape-exact.
-        self.stash += [local(p).detach().clone() for _, p in named_params]
+        self.stash += [slow[n] if n in slow else local(p).detach().clone() for n, p in named_params]
         self.buckets = group_indices_by_device_dtype([local(p) for p in self.params])
         self.sharded = [is_sharded(p) for p in self.params]
 
@@ -160,6 +162,13 @@ class SlowWeights:
         self.swapped = not self.swapped
 
     # ---------------------------------------------------------------- restore
+    @torch.no_grad()
+    def copy_parameters_to_slow(self) -> None:
+        """phi <- the parameters' current values (e.g. a checkpoint's slow weights just loaded)."""
+        assert not self.swapped
+        for theta, phi in self._pairs():
+            torch._foreach_copy_(phi, theta)
+
     @torch.no_grad()
     def load_fast(self, fast: dict[str, Tensor]) -> None:
         """Overwrite theta from a name -> tensor map (e.g. a checkpoint), moving devices."""

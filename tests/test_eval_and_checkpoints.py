@@ -70,13 +70,15 @@ def test_swap_back_is_bit_exact_and_survives_validation_exception():
 def test_unpaired_hooks_never_train_on_slow_weights():
     model = RegressionModule("sgd")
     cb = LookaheadCallback(k=4, alpha=0.5)
-    trainer(max_epochs=1, callbacks=[cb]).fit(model, loader())
+    t = trainer(max_epochs=1, callbacks=[cb])
+    t.fit(model, loader())
     ref_model = copy.deepcopy(model)
     # simulate an evaluation loop that started but never ended, then continue training
     cb.lookahead.use_fast()
-    cb._begin_eval(type("T", (), {"state": type("S", (), {"fn": "fit"})()})(), model)
+    assert t.state.fn == "fit"
+    cb._begin_eval(t, model)
     assert cb.lookahead.swapped
-    cb.on_train_batch_start(None, model, None, 0)
+    cb.on_train_batch_start(t, model, None, 0)
     assert not cb.lookahead.swapped
     assert not torch.equal(_flat(model.parameters()), _flat(ref_model.parameters()))  # fast != slow
 
