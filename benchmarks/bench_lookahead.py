@@ -1,8 +1,8 @@
 """Lookahead at the memory-bandwidth limit, measured side by side against every peer.
 
-Run: ``python benchmarks/bench_lookahead.py [--quick] [--threads N]``. Progress goes to stderr; the
-results go to ``benchmarks/results.json``, ``benchmarks/RESULTS.md`` and ``docs/bench_sync.png``
-(``--quick``: ``benchmarks/results_quick.json``, ``benchmarks/RESULTS_quick.md``,
+Run: ``python benchmarks/bench_lookahead.py [--quick] [--threads N] [--device cuda]``. Progress goes to
+stderr; the results go to ``benchmarks/results.json``, ``benchmarks/RESULTS.md`` and
+``docs/bench_sync.png`` (``--quick``: ``benchmarks/results_quick.json``, ``benchmarks/RESULTS_quick.md``,
 ``benchmarks/bench_sync_quick.png``, all git-ignored, so a smoke run never overwrites the full results).
 This file is the entry point only; the suites live in ``benchmarks/lookahead_bench/`` (one job per
 module, listed in its ``__init__``).
@@ -32,6 +32,11 @@ medians, the inter-quartile range and min/max, and ratios taken *per round*, i.e
    multiple of the parameter bytes, from the resident set (``/proc/self/status`` VmRSS, and VmHWM
    reset through ``/proc/self/clear_refs``) in a fresh subprocess per method, with glibc told to
    ``mmap`` every large block (``MALLOC_MMAP_THRESHOLD_``) so freed tensors leave the resident set.
+5. ``--device cuda`` (a separate run): the grid of 2. and 3. and the eval swap on the GPU, in float32
+   and bfloat16, each sample timed between CUDA events after a device synchronize; results in
+   ``benchmarks/results_cuda.json``, rendered as section 5 of ``RESULTS.md`` (the CPU sections are
+   re-rendered from ``results.json`` unchanged). It stops with a message where CUDA is absent;
+   ``benchmarks/gpu_check.sh`` runs it under a time limit.
 
 Threads default to 1: on two shared cores an OpenMP team of 2 stalls whenever the other core is
 busy (measured: 8 ms for a 4 MB copy_), which swamps every other effect.
@@ -51,20 +56,21 @@ from typing import Any
 import torch
 
 from lookahead_bench.config import BENCH_DIR, FULL, QUICK, ROOT, Config
+from lookahead_bench.cuda import bench_cuda, cuda_config, cuda_machine, cuda_unavailable
 from lookahead_bench.harness import log
 from lookahead_bench.memory import bench_memory, memory_child
 from lookahead_bench.plot import plot
-from lookahead_bench.report import machine, save_results, write_report
+from lookahead_bench.report import load_results, machine, save_results, write_report
 from lookahead_bench.sync import bench_sync_grid
 from lookahead_bench.training import bench_training, quiet_lightning
 
 
-def _paths(quick: bool) -> tuple[Path, Path, Path]:
-    """results.json, RESULTS.md, the figure (``*_quick*`` and git-ignored for --quick)."""
+def _paths(quick: bool) -> tuple[Path, Path, Path, Path]:
+    """results.json, results_cuda.json, RESULTS.md, the figure (``*_quick*`` and git-ignored for --quick)."""
     suffix = "_quick" if quick else ""
     # a --quick smoke run never overwrites the full results (its files are git-ignored)
     png = BENCH_DIR / "bench_sync_quick.png" if quick else ROOT / "docs" / "bench_sync.png"
-    return BENCH_DIR / f"results{suffix}.json", BENCH_DIR / f"RESULTS{suffix}.md", png
+    return BENCH_DIR / f"results{suffix}.json", BENCH_DIR / f"results_cuda{suffix}.json", BENCH_DIR / f"RESULTS{suffix}.md", png
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -85,7 +91,7 @@ def _header(argv: list[str] | None, config: dict[str, Any], machine_info: dict[s
 
 def run_cpu(args: argparse.Namespace, argv: list[str] | None) -> None:
     """Training, sync-and-swap grid and memory suites on the CPU; results.json, RESULTS.md, the figure."""
-    json_path, md_path, png = _paths(args.quick)
+    json_path, cuda_path, md_path, png = _paths(args.quick)
     t_start = time.perf_counter()
     cfg = _config(args)
     res = _header(argv, asdict(cfg), machine())
@@ -109,8 +115,29 @@ def run_cpu(args: argparse.Namespace, argv: list[str] | None) -> None:
     png.parent.mkdir(exist_ok=True)
     plot(res["sync_grid"], png)
     save_results(res, json_path)
-    write_report(res, md_path, png)
+    write_report(res, md_path, png, load_results(cuda_path))
     log(f"wrote {json_path.relative_to(ROOT)}, {md_path.relative_to(ROOT)}, {png.relative_to(ROOT)}")
+
+
+def run_cuda(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """The sync-and-swap grid on the GPU (float32, bfloat16); results_cuda.json, then RESULTS.md re-rendered."""
+    json_path, cuda_path, md_path, png = _paths(args.quick)
+    t_start = time.perf_counter()
+    cfg = _config(args)
+    res = {**_header(argv, cuda_config(cfg), cuda_machine()), "results_file": str(cuda_path.relative_to(ROOT))}
+    log(f"device: {res['machine']['gpu']}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+
+    def save(partial: dict[str, Any]) -> None:
+        save_results({**partial, "wall_s": time.perf_counter() - t_start}, cuda_path)
+
+    bench_cuda(cfg, res, save)
+    log(f"wrote {cuda_path.relative_to(ROOT)}")
+    cpu = load_results(json_path)
+    if cpu is None:
+        log(f"{json_path.relative_to(ROOT)} absent: {md_path.relative_to(ROOT)} not rendered (run the CPU benchmark)")
+        return
+    write_report(cpu, md_path, png, load_results(cuda_path))
+    log(f"wrote {md_path.relative_to(ROOT)} (section 5 from {cuda_path.relative_to(ROOT)})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,6 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see the module docstring)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--report-only", action="store_true", help="re-render RESULTS.md and the plot from results.json")
+    ap.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="cuda: only the sync and swap grid, on the GPU in float32 and bfloat16 (CUDA events);"
+        " writes benchmarks/results_cuda.json and section 5 of RESULTS.md",
+    )  # fmt: skip
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
@@ -126,17 +158,19 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(memory_child(int(n_params), int(n_tensors))))
         return
 
-    json_path, md_path, png = _paths(args.quick)
+    json_path, cuda_path, md_path, png = _paths(args.quick)
     if args.report_only:
         res = json.loads(json_path.read_text())
         plot(res["sync_grid"], png)
-        write_report(res, md_path, png)
+        write_report(res, md_path, png, load_results(cuda_path))
         return
+    if args.device == "cuda" and (why := cuda_unavailable()):
+        ap.exit(2, f"{ap.prog}: error: {why}\n")
 
     torch.set_num_threads(args.threads)
     quiet_lightning()
     sys.path.insert(0, str(ROOT))
-    run_cpu(args, argv)
+    (run_cuda if args.device == "cuda" else run_cpu)(args, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ ENTRY = BENCH_DIR / "bench_lookahead.py"  # the one command; the memory suite re
 ALPHA = 0.5
 K = 5
 LR = 0.01  # SGD(momentum=0.9) learning rate of the training runs
+CUDA_DTYPES = ("float32", "bfloat16")  # the dtypes of the CUDA grid (--device cuda)
 
 
 @dataclass

@@ -21,17 +21,20 @@ from .config import ALPHA, K
 
 
 class ParamSet:
-    """``n_tensors`` float32 parameters (``n_params`` in all) in ``module``, all views of one flat
-    buffer kept outside the module, so flat-buffer kernels and per-tensor methods act on the very same
+    """``n_tensors`` parameters (``n_params`` in all) in ``module``, all views of one flat buffer
+    kept outside the module, so flat-buffer kernels and per-tensor methods act on the very same
     memory (and a deepcopy of the module copies the parameters only). Every parameter has a (zero)
-    gradient: timm and pytorch_optimizer skip parameters without one."""
+    gradient: timm and pytorch_optimizer skip parameters without one. float32 on the CPU unless
+    ``device`` / ``dtype`` say otherwise (the values are drawn on the CPU, then moved)."""
 
-    def __init__(self, n_params: int, n_tensors: int, seed: int = 0) -> None:
+    def __init__(
+        self, n_params: int, n_tensors: int, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
         g = torch.Generator().manual_seed(seed)
         sizes = [n_params // n_tensors] * n_tensors
         sizes[-1] += n_params - sum(sizes)
-        self.flat = torch.randn(n_params, generator=g)
-        self.flat_grad = torch.zeros(n_params)
+        self.flat = torch.randn(n_params, generator=g).to(device=device, dtype=dtype)  # a no-op for CPU float32
+        self.flat_grad = torch.zeros(n_params, device=device, dtype=dtype)
         self.module = nn.ParameterList()
         offset = 0
         for s in sizes:
@@ -229,7 +232,8 @@ def _c_torch_optimizer(ps: ParamSet) -> Contender:
 
 
 def _c_copy(ps: ParamSet) -> Contender:
-    src, dst = torch.randn(ps.flat.numel()), torch.empty(ps.flat.numel())
+    n, like = ps.flat.numel(), {"device": ps.flat.device, "dtype": ps.flat.dtype}
+    src, dst = torch.randn(n, **like), torch.empty(n, **like)
     return Contender(lambda: dst.copy_(src))
 
 

@@ -1,4 +1,4 @@
-"""Timing: self-timing loops, interleaved rounds, paired ratios, quartiles.
+"""Timing: self-timing loops (CPU clock or CUDA events), interleaved rounds, paired ratios, quartiles.
 
 Every comparison is one call of :func:`interleaved`: each contender is sampled once per round, with
 the order rotated (and alternately reversed) each round, so a noisy shared machine slows all
@@ -13,6 +13,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+import torch
+
+Timer = Callable[[Callable[[], object], int], Callable[[], float]]  # (fn, loops) -> one self-timing sample
+
 
 @dataclass
 class Summary:
@@ -53,6 +58,8 @@ def interleaved(measures: dict[str, Callable[[], float]], repeats: int) -> dict[
 
 
 def loop_timer(fn: Callable[[], object], loops: int) -> Callable[[], float]:
+    """A sample: seconds per call of ``fn`` over ``loops`` calls, host clock (``perf_counter``)."""
+
     def measure() -> float:
         t0 = time.perf_counter()
         for _ in range(loops):
@@ -62,18 +69,36 @@ def loop_timer(fn: Callable[[], object], loops: int) -> Callable[[], float]:
     return measure
 
 
+def cuda_loop_timer(fn: Callable[[], object], loops: int) -> Callable[[], float]:
+    """A sample: seconds per call of ``fn`` over ``loops`` calls, between two CUDA events on the
+    current stream. The device is synchronized before the start event (nothing earlier is counted)
+    and at the end event (all queued work is counted); host waits inside ``fn`` (a guard's
+    ``bool(tensor)``) stall the stream and so count too, as they would in training."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def measure() -> float:
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(loops):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / loops  # elapsed_time is in milliseconds
+
+    return measure
+
+
 def timeit_interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, min_sample_s: float = 0.02
+    fns: dict[str, Callable[[], object]], repeats: int, min_sample_s: float = 0.02, timer: Timer = loop_timer
 ) -> dict[str, list[float]]:
     """Seconds per call of every fn: ``repeats`` samples each, interleaved; each sample loops the
-    fn enough times to last ``min_sample_s`` (calibrated after one warm-up call)."""
+    fn enough times to last ``min_sample_s`` (calibrated after one warm-up call). ``timer`` is
+    :func:`loop_timer` (CPU) or :func:`cuda_loop_timer`."""
     measures = {}
     for name, fn in fns.items():
         fn()  # warm-up: lazy state, compilation, first-touch page faults
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        measures[name] = loop_timer(fn, min(10_000, max(1, math.ceil(min_sample_s / max(dt, 1e-9)))))
+        dt = timer(fn, 1)()
+        measures[name] = timer(fn, min(10_000, max(1, math.ceil(min_sample_s / max(dt, 1e-9)))))
     return interleaved(measures, repeats)
 
 

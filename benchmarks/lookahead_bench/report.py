@@ -1,5 +1,5 @@
-"""Writing the results: the machine description, ``results*.json`` and ``RESULTS*.md`` (tables and
-goal verdicts)."""
+"""Writing the results: the machine description, ``results*.json`` and ``RESULTS*.md`` (tables,
+goal verdicts, the GPU section from ``results_cuda*.json`` when a CUDA run left one)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,11 @@ def save_results(res: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(res, indent=1) + "\n")
 
 
+def load_results(path: Path) -> dict[str, Any] | None:
+    """The results saved at ``path``, or None when there are none."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 # ====================================================================================== formatting
 
 
@@ -94,7 +99,7 @@ def _pick(rows: list[dict[str, Any]], params: int, tensors: int) -> dict[str, An
     return max(cands, key=lambda r: r["params"]) if cands else None
 
 
-# ====================================================================================== grid tables
+# ====================================================================================== grid tables (CPU and GPU)
 
 
 def _fused(grid: list[dict[str, Any]]) -> list[str]:
@@ -170,8 +175,10 @@ def _swap_table(grid: list[dict[str, Any]]) -> str:
 # ====================================================================================== RESULTS.md
 
 
-def write_report(res: dict[str, Any], md_path: Path, png_path: Path) -> None:
+def write_report(res: dict[str, Any], md_path: Path, png_path: Path, cuda: dict[str, Any] | None = None) -> None:
+    """RESULTS.md from the CPU results ``res``; section 5 from the CUDA results ``cuda`` if given."""
     m, out = res["machine"], []
+    gpu = f"{cuda['machine']['gpu']} (section 5, a separate `--device cuda` run)" if cuda else m["gpu"]
     out += [
         "# Lookahead benchmarks",
         "",
@@ -182,7 +189,7 @@ def write_report(res: dict[str, Any], md_path: Path, png_path: Path) -> None:
         f" {m['lightning']}, pytorch_optimizer {m['pytorch_optimizer']}, torch_optimizer {m['torch_optimizer']}.  ",
         f"Package: lightning_lookahead at commit {m['package_commit']}"
         f"{' with uncommitted changes' if m['package_dirty'] else ''}.  ",
-        f"GPU: {m['gpu']}.",
+        f"GPU: {gpu}.",
         "",
         "All contenders of a table were timed in the same process, interleaved round-robin with a rotating order;"
         " cells are `median [q1, q3]` over rounds, and every ratio is taken per round (paired) before the"
@@ -193,7 +200,8 @@ def write_report(res: dict[str, Any], md_path: Path, png_path: Path) -> None:
     out += _bound_section(res)
     out += _peer_section(res["sync_grid"], md_path, png_path)
     out += _swap_memory_section(res)
-    out += ["## 5. GPU", "", f"GPU: {m['gpu']}.", "", "## Suggestion for the core", ""]
+    out += ["## 5. GPU", ""] + (_gpu_section(cuda) if cuda else [f"GPU: {m['gpu']}.", ""])
+    out += ["## Suggestion for the core", ""]
     out += _recommendation(res["sync_grid"])
     md_path.write_text("\n".join(out) + "\n")
 
@@ -341,6 +349,35 @@ def _swap_memory_section(res: dict[str, Any]) -> list[str]:
     for r in res["memory"]:
         if "error" in r:
             out += [f"Memory measurement failed: {r['error']}", ""]
+    return out
+
+
+def _gpu_section(cuda: dict[str, Any]) -> list[str]:
+    """Section 5 from a ``--device cuda`` run: per dtype, the bound, peer and swap tables of sections 2-4."""
+    g = cuda["machine"]
+    out = [
+        f"Command: `{cuda['command']}` ({cuda['date']}, {cuda['wall_s']:.0f} s wall), results in"
+        f" `{cuda['results_file']}`.  ",
+        f"Device: {g['gpu']}, CUDA {g['cuda']}, torch {g['torch']}, package commit {g['package_commit']}"
+        f"{' with uncommitted changes' if g['package_dirty'] else ''}.",
+        "",
+        "Same grid, contenders, interleaving and paired ratios as sections 2-4, on the device; each sample is the"
+        " time between two CUDA events around its loop of calls (device synchronized before the first and at the"
+        " last), so host waits inside a call (the guard's one `bool()`) count. The bound is 2 x t(`copy_`) in"
+        " the same dtype; the traffic model is in parameter bytes of that dtype.",
+        "",
+    ]
+    for dtype, part in cuda["dtypes"].items():
+        grid = part["sync_grid"]
+        if not grid:
+            out += [f"### {dtype}", "", f"Not measured: {part.get('error', 'no rows')}", ""]
+            continue
+        fused = _fused(grid)
+        out += [f"### {dtype}: one sync vs the bound", "", _bound_table(grid, fused), "", _bound_goal(grid), ""]
+        if part.get("compile_info", {}).get("compile_errors"):
+            out += [f"torch.compile failures: `{part['compile_info']['compile_errors']}`", ""]
+        out += [f"### {dtype}: against the peers (peer time / ours time)", ""] + _peer_tables(grid, fused) + [""]
+        out += [f"### {dtype}: evaluation swap round trip", "", _swap_table(grid), ""]
     return out
 
 
