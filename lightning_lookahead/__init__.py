@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from lightning_lookahead.callback import LookaheadCallback
 
 __all__ = ["Lookahead", "LookaheadCallback", "NonFiniteError", "RankMismatchError"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written (pyproject.toml reads it)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,10 @@
-"""Packaging: the core imports and runs with Lightning blocked, and LookaheadCallback is a lazy attribute."""
+"""Packaging: the core imports and runs with Lightning blocked, LookaheadCallback is a lazy attribute, and
+the version has one source."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -120,3 +122,16 @@ def test_public_names():
     assert set(lightning_lookahead.__all__) <= set(namespace)
     with pytest.raises(AttributeError, match="has no attribute 'LookaheadCalback'"):
         lightning_lookahead.LookaheadCalback  # noqa: B018
+
+
+# --------------------------------------------------------------------------- metadata
+def test_one_version_source():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "lightning_lookahead.__version__"}
+    assert "Typing :: Typed" in pyproject["project"]["classifiers"]
+    assert (ROOT / "lightning_lookahead" / "py.typed").is_file()
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in changelog
+    assert re.search(rf"^## \[{re.escape(lightning_lookahead.__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.M)
