@@ -1,20 +1,27 @@
-"""Packaging: the core imports and runs with Lightning blocked, LookaheadCallback is a lazy attribute, and
-the version has one source."""
+"""Packaging: the core imports and runs with Lightning blocked, LookaheadCallback is a lazy attribute, the
+version has one source, and the wheel ships py.typed and the Hydra configs, which compose from a
+fresh virtual environment outside the repository (slow test)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import lightning_lookahead
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "lightning_lookahead" / "conf"
+SEARCHPATH = "pkg://lightning_lookahead.conf"
 TIMEOUT = 240  # seconds per subprocess
 
 
@@ -135,3 +142,110 @@ def test_one_version_source():
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert "## [Unreleased]" in changelog
     assert re.search(rf"^## \[{re.escape(lightning_lookahead.__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.M)
+
+
+# --------------------------------------------------------------------------- packaged Hydra configs
+def _write_user_app(app: Path) -> None:
+    """A user's Hydra app that knows nothing of this repository: the callback config comes from the package."""
+    (app / "conf").mkdir(parents=True)
+    (app / "conf" / "config.yaml").write_text(
+        f"defaults:\n  - callbacks: lookahead\n  - _self_\n\nhydra:\n  searchpath:\n    - {SEARCHPATH}\n"
+    )
+    (app / "app.py").write_text(
+        textwrap.dedent(
+            """\
+            from importlib.resources import files
+
+            import hydra
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.utils import instantiate
+
+            import lightning_lookahead
+
+
+            @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+            def main(cfg):
+                print("package:", lightning_lookahead.__file__)
+                sources = HydraConfig.get().runtime.config_sources
+                print("searchpath:", [f"{s.schema}://{s.path}" for s in sources if s.provider == "hydra.searchpath in main"])
+                print("configs:", files("lightning_lookahead.conf"))
+                for name, node in cfg.callbacks.items():
+                    if node is None:
+                        print(f"{name}: off")
+                    else:
+                        cb = instantiate(node)
+                        print(f"{name}: {type(cb).__name__} k={cb.k} alpha={cb.alpha}")
+
+
+            if __name__ == "__main__":
+                main()
+            """
+        )
+    )
+
+
+def test_packaged_configs_compose_in_a_user_app(tmp_path):
+    """Fast check on this checkout: the user app's primary config finds the package's callbacks group."""
+    _write_user_app(tmp_path)
+    packaged = OmegaConf.load(CONF / "callbacks" / "lookahead.yaml")
+    with initialize_config_dir(config_dir=str(tmp_path / "conf"), version_base="1.3"):
+        assert compose("config").callbacks == packaged
+        assert compose("config", overrides=["callbacks.lookahead.k=7"]).callbacks.lookahead.k == 7
+        assert compose("config", overrides=["callbacks=no_lookahead"]).callbacks == {"lookahead": None}
+
+
+def _copy_source(dst: Path) -> Path:
+    """The checkout as `pip wheel .` sees it, minus VCS and build leftovers (the build writes build/ and
+    *.egg-info into its source folder; building a copy keeps the checkout clean and runs in parallel)."""
+    ignore = shutil.ignore_patterns(
+        ".git", "__pycache__", "*.egg-info", "build", "dist", "logs", "outputs", "multirun", "lightning_logs",
+        ".pytest_cache", ".benchmarks", "*.ckpt", ".venv", "venv",
+    )  # fmt: skip
+    shutil.copytree(ROOT, dst, ignore=ignore)
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_wheel_installs_into_a_fresh_venv_and_its_configs_compose(tmp_path_factory):
+    work = tmp_path_factory.mktemp("packaging")
+    assert not work.is_relative_to(ROOT)
+    offline = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    offline.pop("PYTHONPATH", None)  # nothing may shadow the copy installed in the venv
+
+    # 1. build the wheel offline (no isolation: setuptools comes from this interpreter)
+    src = _copy_source(work / "src")
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+          "-w", str(work / "wheels"), "."], cwd=src, env=offline)  # fmt: skip
+    (wheel,) = (work / "wheels").glob("lightning_lookahead-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "lightning_lookahead/py.typed" in names
+    yamls = {str(p.relative_to(ROOT).as_posix()) for p in CONF.rglob("*.yaml")}
+    assert {"lightning_lookahead/conf/callbacks/lookahead.yaml", "lightning_lookahead/conf/callbacks/no_lookahead.yaml"} <= yamls
+    assert yamls <= names, sorted(yamls - names)
+    metadata = zipfile.ZipFile(wheel).read(f"lightning_lookahead-{lightning_lookahead.__version__}.dist-info/METADATA")
+    assert f"\nVersion: {lightning_lookahead.__version__}\n" in metadata.decode()
+
+    # 2. a fresh venv outside the repository; torch, lightning and hydra come from the system site-packages
+    venv = work / "venv"
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], cwd=work, env=offline)
+    python = venv / "bin" / "python"
+    # the system pip, run by the venv's interpreter, installs into the venv; --ignore-installed leaves any
+    # lightning-lookahead of the system site-packages (e.g. an editable install) untouched
+    _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+         cwd=work, env=offline)  # fmt: skip
+
+    # 3. a user's Hydra app in a directory outside the repository, composing the installed package's config
+    app = work / "app"
+    _write_user_app(app)
+    proc = _run([str(python), "app.py", "--multirun", "callbacks=lookahead,no_lookahead"], cwd=app, env=offline)
+    lines = proc.stdout.splitlines()
+    packages = [line.split(": ", 1)[1] for line in lines if line.startswith("package: ")]
+    site_packages = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    assert packages == [str(site_packages / "lightning_lookahead" / "__init__.py")] * 2, lines
+    assert f"searchpath: ['{SEARCHPATH}']" in lines
+    assert f"configs: {site_packages / 'lightning_lookahead' / 'conf'}" in lines
+    assert [line for line in lines if line.startswith("lookahead: ")] == [
+        "lookahead: LookaheadCallback k=5 alpha=0.5",
+        "lookahead: off",
+    ]
