@@ -1,5 +1,6 @@
-"""configs/ through Hydra's compose API: Lookahead on by default, off with one override, overrides
-reach the callback, and a bad value fails with the callback's own ValueError."""
+"""configs/ through Hydra's compose API: the Lookahead config comes from the package (one copy), Lookahead
+is on by default, off with one override, overrides reach the callback, and a bad value fails with the
+callback's own ValueError."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_lookahead import LookaheadCallback
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGED = ROOT / "lightning_lookahead" / "conf"  # the Hydra configs that ship in the wheel
 sys.path.insert(0, str(ROOT / "examples"))  # the configs' `_target_: mnist.LitCNN` and train.py live there
 import train  # noqa: E402
 
@@ -29,6 +31,15 @@ def make_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             return compose("train.yaml", overrides=[f"paths.output_dir={tmp_path}", *overrides])
 
     return _make
+
+
+def test_lookahead_config_comes_from_the_package(make_cfg):
+    """The app composes lightning_lookahead/conf/callbacks/lookahead.yaml through hydra.searchpath; no
+    config of this repository's app carries a lightning_lookahead `_target_` of its own."""
+    assert make_cfg().callbacks.lookahead == OmegaConf.load(PACKAGED / "callbacks" / "lookahead.yaml").lookahead
+    assert OmegaConf.load(ROOT / "configs" / "train.yaml").hydra.searchpath == ["pkg://lightning_lookahead.conf"]
+    copies = [p for p in (ROOT / "configs").rglob("*.yaml") if "_target_: lightning_lookahead." in p.read_text()]
+    assert not copies, f"keep the callback configs in {PACKAGED} only: {copies}"
 
 
 def _lookaheads(callbacks: list) -> list[LookaheadCallback]:
