@@ -14,12 +14,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_lookahead import distributed, inner_state
 from lightning_lookahead.inner_state import InnerState
-from lightning_lookahead.lookahead import Lookahead, OnNonFinite, check_choice, check_optional_int
+from lightning_lookahead.lookahead import Lookahead, OnNonFinite, check_bool, check_choice, check_optional_int
 
 EvalWeights = Literal["slow", "fast"]
 CHECKPOINT_KEY = "lookahead"  # top-level checkpoint entry with the fast weights (not the callback state)
 FAST_PREFIX = "_lookahead_fast."  # distributed checkpoints: our shards live in state_dict under these
 MOMENT_PREFIX = "_lookahead_slow_moment."
+MOMENTUM_PREFIX = "_lookahead_outer_momentum."
 NOT_STARTED = "not_started"  # checkpoint written in a fit before its first training step
 
 
@@ -46,6 +47,12 @@ class LookaheadCallback(Callback):
         inner_state: what happens to the optimizer state at a sync: ``"keep"`` (the paper's),
             ``"reset"`` (moments and step counts back to their initial values) or ``"pullback"``
             (first moments interpolated like the weights). Supported for SGD, Adam, AdamW, NAdam, RAdam.
+        outer_momentum: momentum ``mu`` in [0, 1) on the slow step, which is SGD with learning rate
+            ``alpha`` on the pseudo-gradient ``phi - theta``. ``0`` (default) is Lookahead; ``0.9``
+            with ``nesterov=True`` is SNOO (Kallusky et al., 2025) and, with ``alpha=0.7``, DiLoCo's
+            outer step (Douillard et al., 2023); ``nesterov=False`` is SlowMo's heavy ball. Costs one
+            more copy of the trained parameters (the buffer, saved in checkpoints with the fast weights).
+        nesterov: Nesterov (default) or heavy-ball momentum; only used when ``outer_momentum > 0``.
         eval_weights: ``"slow"`` (default) or ``"fast"``: which weights validation sees during fit.
         on_nonfinite: ``"warn"`` (once) or ``"raise"`` when the fast weights hold inf/nan at a
             sync; the sync is skipped either way and the slow weights are never contaminated.
@@ -54,8 +61,9 @@ class LookaheadCallback(Callback):
             steps' worth of batches, which all ranks run together, and at the end of training)
             with one collective, and raise :class:`~lightning_lookahead.RankMismatchError` on
             every rank on a mismatch; ``None`` never.
-        log_stats: log ``lookahead/syncs`` and ``lookahead/rel_distance``
-            (:math:`\|\theta-\phi\|/\|\phi\|` before the latest sync) at the Trainer's logging
+        log_stats: log ``lookahead/syncs``, ``lookahead/rel_distance``
+            (:math:`\|\theta-\phi\|/\|\phi\|` before the latest sync) and, with outer momentum,
+            ``lookahead/rel_outer_step`` (:math:`\|\phi_{new}-\phi\|/\|\phi\|`) at the Trainer's logging
             cadence (``log_every_n_steps``), only when a sync happened since the last row. Measuring
             the distance costs two extra passes over the parameters per sync, so it is only
             measured when the Trainer has a logger; ``False`` (or no logger) takes the lean sync
@@ -80,12 +88,13 @@ class LookaheadCallback(Callback):
         on_nonfinite: OnNonFinite = "warn",
         check_ranks_every: int | None = None,
         log_stats: bool = True,
+        outer_momentum: float = 0.0,
+        nesterov: bool = True,
     ) -> None:
-        if not isinstance(log_stats, bool):
-            raise ValueError(f"Lookahead `log_stats` must be a bool, got {log_stats!r}")
-        self.log_stats = log_stats
-        self.lookahead = Lookahead(k, alpha, inner_state, on_nonfinite, log_stats)  # validates these
+        self.log_stats = check_bool("log_stats", log_stats)
+        self.lookahead = Lookahead(k, alpha, inner_state, on_nonfinite, log_stats, outer_momentum, nesterov)  # validates
         self.k, self.alpha = self.lookahead.k, self.lookahead.alpha
+        self.outer_momentum, self.nesterov = self.lookahead.outer_momentum, self.lookahead.nesterov
         self.inner_state, self.on_nonfinite = self.lookahead.inner_state, self.lookahead.on_nonfinite
         self.eval_weights: EvalWeights = check_choice("eval_weights", eval_weights, ("slow", "fast"))  # type: ignore[assignment]
         self.check_ranks_every = check_optional_int("check_ranks_every", check_ranks_every)
@@ -101,7 +110,9 @@ class LookaheadCallback(Callback):
         self._batches = 0  # training batches this fit, identical on every rank (the rank-check clock)
 
     def _new_core(self) -> Lookahead:
-        return Lookahead(self.k, self.alpha, self.inner_state, self.on_nonfinite, self.log_stats)
+        return Lookahead(
+            self.k, self.alpha, self.inner_state, self.on_nonfinite, self.log_stats, self.outer_momentum, self.nesterov
+        )
 
     @property
     def attached(self) -> bool:
@@ -212,10 +223,14 @@ class LookaheadCallback(Callback):
         and so must the step and sync counters. Runs at batch counts every rank reaches together."""
         names, tensors = [], []
         for g in self.lookahead.groups:
+            momentum = g.momentum_tensors()
             for name, slow, sharded in zip(g.names, g.slow_tensors().values(), g.sharded):
                 if not sharded:
                     names.append(name)
                     tensors.append(slow)
+                    if name in momentum:
+                        names.append(f"{name} (outer momentum)")
+                        tensors.append(momentum[name])
         la = self.lookahead
         counters = {f"step counter of optimizer {i}": s for i, s in enumerate(la.steps)}
         counters.update({"sync counter": la.syncs, "skipped-sync counter": la.skipped})
@@ -239,10 +254,16 @@ class LookaheadCallback(Callback):
             rel = s.rel_distance
             if rel is None:
                 continue
+            suffix = f"/opt{i}" if multi else ""
+            step = s.rel_step
             if any(la.groups[i].sharded):  # shards: sum the squares over ranks first
-                both = distributed.all_reduce_sum(torch.stack([s.d_sq, s.phi_sq]))
+                parts = [s.d_sq, s.phi_sq] + ([s.step_sq] if s.step_sq is not None else [])
+                both = distributed.all_reduce_sum(torch.stack(parts))
                 rel = both[0].sqrt() / both[1].sqrt().clamp_min(1e-30)
-            metrics[f"lookahead/rel_distance{f'/opt{i}' if multi else ''}"] = float(rel)  # host read: log steps only
+                step = both[2].sqrt() / both[1].sqrt().clamp_min(1e-30) if s.step_sq is not None else None
+            metrics[f"lookahead/rel_distance{suffix}"] = float(rel)  # host read: log steps only
+            if step is not None:
+                metrics[f"lookahead/rel_outer_step{suffix}"] = float(step)
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -337,13 +358,15 @@ class LookaheadCallback(Callback):
             return
         changed = {
             name: state_dict[name]
-            for name in ("k", "alpha", "inner_state")
-            if name in state_dict and state_dict[name] != getattr(self, name)
+            for name in ("k", "alpha", "inner_state", "outer_momentum", "nesterov")
+            if state_dict.get(name, _FIRST_RELEASE.get(name)) != getattr(self, name)
         }
         if changed and not self.attached:  # a mid-fit restore (a tuner's rollback) is our own state
+            reset = " (the outer momentum buffer starts from zero)" if {"outer_momentum", "nesterov"} & set(changed) else ""
             rank_zero_warn(
                 f"Lookahead: the checkpoint was saved with {changed}; continuing with"
-                f" k={self.k}, alpha={self.alpha}, inner_state={self.inner_state!r}."
+                f" k={self.k}, alpha={self.alpha}, inner_state={self.inner_state!r},"
+                f" outer_momentum={self.outer_momentum}, nesterov={self.nesterov}{reset}."
             )
         self._pending_state = dict(state_dict)
 
@@ -382,6 +405,7 @@ class LookaheadCallback(Callback):
         slow = {n: out(t, params[n]) for n, t in tensors["slow"].items()}
         fast = {n: out(t, params[n]) for n, t in tensors["fast"].items()}
         moments = {n: out(t, t) for n, t in tensors["slow_moments"].items()}
+        momentum = {n: out(t, params[n]) for n, t in tensors["momentum"].items()}
         if state:  # empty on ranks > 0 of a gathered state_dict
             keys = _state_dict_keys(pl_module, state)
             missing = [n for n in slow if n not in keys]
@@ -399,14 +423,15 @@ class LookaheadCallback(Callback):
         if sharded_file:
             state.update({f"{FAST_PREFIX}{n}": t for n, t in fast.items()})
             state.update({f"{MOMENT_PREFIX}{n}": t for n, t in moments.items()})
+            state.update({f"{MOMENTUM_PREFIX}{n}": t for n, t in momentum.items()})
             checkpoint[CHECKPOINT_KEY] = {"layout": "sharded"}
         elif keep:
-            checkpoint[CHECKPOINT_KEY] = {"fast": fast, "slow_moments": moments}
+            checkpoint[CHECKPOINT_KEY] = {"fast": fast, "slow_moments": moments, "momentum": momentum}
 
     def _save_unattached(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
         if self._pending is not None and "fast" in self._pending:
             # restored from a checkpoint whose training loop never ran (a finished run): pass it on
-            checkpoint[CHECKPOINT_KEY] = {"fast": self._pending["fast"], "slow_moments": self._pending["slow_moments"]}
+            checkpoint[CHECKPOINT_KEY] = {k: self._pending[k] for k in ("fast", "slow_moments", "momentum")}
         elif self._stage == "fit":
             # before this fit's first training step (a tuner saving its rollback point): resuming
             # from here starts Lookahead afresh, which is what this marker says
@@ -439,24 +464,27 @@ class LookaheadCallback(Callback):
         elif entry.get("layout") == "sharded":
             self._pending = {"sharded_path": str(trainer.ckpt_path)}
         else:
-            self._pending = {"fast": entry["fast"], "slow_moments": entry.get("slow_moments", {})}
+            self._pending = {k: entry.get(k, {}) for k in ("fast", "slow_moments", "momentum")}
 
     def _load_sharded(self, path: str) -> dict[str, Any]:
         """Read our shards from a distributed checkpoint directory (every rank reads its own)."""
-        fast_t, moment_t = {}, {}
+        templates = {}
         for g, opt in zip(self.lookahead.groups, self.lookahead.optimizers):
             for name, p in zip(g.names, g.params):
-                fast_t[f"{FAST_PREFIX}{name}"] = distributed.like(p, torch.empty_like(distributed.local(p)))
+                templates[f"{FAST_PREFIX}{name}"] = distributed.like(p, torch.empty_like(distributed.local(p)))
+                if self.outer_momentum:
+                    templates[f"{MOMENTUM_PREFIX}{name}"] = distributed.like(p, torch.empty_like(distributed.local(p)))
                 live = inner_state.first_moment(opt, p) if self.inner_state == "pullback" else None
                 if live is not None:
-                    moment_t[f"{MOMENT_PREFIX}{name}"] = torch.empty_like(live)
-        loaded = distributed.load_sharded(path, {**fast_t, **moment_t})
+                    templates[f"{MOMENT_PREFIX}{name}"] = torch.empty_like(live)
+        loaded = distributed.load_sharded(path, templates)
         return {
-            "fast": {k.removeprefix(FAST_PREFIX): v for k, v in loaded.items() if k.startswith(FAST_PREFIX)},
-            "slow_moments": {k.removeprefix(MOMENT_PREFIX): v for k, v in loaded.items() if k.startswith(MOMENT_PREFIX)},
+            key: {k.removeprefix(prefix): v for k, v in loaded.items() if k.startswith(prefix)}
+            for key, prefix in (("fast", FAST_PREFIX), ("slow_moments", MOMENT_PREFIX), ("momentum", MOMENTUM_PREFIX))
         }
 
 
+_FIRST_RELEASE = {"outer_momentum": 0.0, "nesterov": True}  # checkpoints of 0.1.0 lack these keys
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # dropped from state_dict keys by wrappers
 
 

@@ -41,6 +41,18 @@ def check_alpha(alpha: Any) -> float:
     return float(alpha)
 
 
+def check_outer_momentum(mu: Any) -> float:
+    if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu) or not 0 <= mu < 1:
+        raise ValueError(f"Lookahead `outer_momentum` must be a finite float in [0, 1), got {mu!r}")
+    return float(mu)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"Lookahead `{name}` must be a bool, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"Lookahead `{name}` must be one of {list(allowed)}, got {value!r}")
@@ -76,6 +88,14 @@ class Lookahead:
     ``phi <- phi + alpha (theta - phi); theta <- phi``. With ``measure_distance`` each sync also
     records ``||theta - phi|| / ||phi||`` in :attr:`last_stats` (two more passes over the weights).
 
+    That slow step is SGD with learning rate ``alpha`` on the pseudo-gradient ``phi - theta``.
+    ``outer_momentum=mu > 0`` adds momentum to it: a buffer ``b <- mu b + (phi - theta)``, then
+    ``phi <- phi - alpha ((phi - theta) + mu b)`` with ``nesterov=True`` (SNOO, Kallusky et al.
+    2025; the outer step of DiLoCo, Douillard et al. 2023, with alpha=0.7, mu=0.9) or
+    ``phi <- phi - alpha b`` with ``nesterov=False`` (SlowMo's heavy ball, Wang et al. 2020). This
+    is exactly ``torch.optim.SGD(lr=alpha, momentum=mu, nesterov=...)`` stepped on ``phi``; it
+    keeps one more copy of the trained parameters. ``mu=0`` is plain Lookahead, bit for bit.
+
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(4, 1)
@@ -98,10 +118,14 @@ class Lookahead:
         inner_state: InnerState = "keep",
         on_nonfinite: OnNonFinite = "warn",
         measure_distance: bool = True,
+        outer_momentum: float = 0.0,
+        nesterov: bool = True,
     ) -> None:
         self.k = check_k(k)
         self.measure_distance = measure_distance  # ||theta - phi|| / ||phi|| at each sync (2 more passes)
         self.alpha = check_alpha(alpha)
+        self.outer_momentum = check_outer_momentum(outer_momentum)
+        self.nesterov = check_bool("nesterov", nesterov)
         self.inner_state: InnerState = check_choice("inner_state", inner_state, INNER_STATES)  # type: ignore[assignment]
         self.on_nonfinite: OnNonFinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)  # type: ignore[assignment]
         self.groups: list[SlowWeights] = []
@@ -146,7 +170,7 @@ class Lookahead:
         """Move to new optimizers that replaced the attached ones (same module); returns whether
         anything changed.
 
-        Slow weights carry over by parameter name; step counters carry over by optimizer index (a
+        Slow weights and outer momentum carry over by parameter name; step counters carry over by optimizer index (a
         new index starts at 0); pullback's slow moments are dropped, since they belonged to the
         old optimizers' state. Parameters the new optimizers update for the first time start with
         slow = their current values. Call it while the fast weights are in the parameters.
@@ -158,13 +182,15 @@ class Lookahead:
             inner.check_supported(opt, self.inner_state)
         assert not self.swapped, "follow() while the slow weights are swapped in"
         slow: dict[str, Tensor] = {}
+        momentum: dict[str, Tensor] = {}
         for g in self.groups:
             slow.update(g.slow_tensors())
+            momentum.update(g.momentum_tensors())
         steps = self.steps
         self.detach()
         self.optimizers = optimizers
         self._owner = {}
-        self.groups = [SlowWeights(self._claim(i), slow=slow) for i in range(len(optimizers))]
+        self.groups = [SlowWeights(self._claim(i), slow, momentum) for i in range(len(optimizers))]
         self.steps = [steps[i] if i < len(steps) else 0 for i in range(len(optimizers))]
         self.slow_moments = [{} for _ in optimizers]
         self.last_stats = {}
@@ -250,7 +276,7 @@ class Lookahead:
         """Sync optimizer ``index``'s parameters now; returns whether the sync was applied."""
         self._adopt_new_parameters(index)
         group = self.groups[index]
-        stats = group.sync(self.alpha, stats=self.measure_distance)
+        stats = group.sync(self.alpha, self.measure_distance, self.outer_momentum, self.nesterov)
         self.last_stats[index] = stats
         if not stats.applied:
             self.skipped += 1
@@ -312,21 +338,23 @@ class Lookahead:
             "k": self.k,
             "alpha": self.alpha,
             "inner_state": self.inner_state,
+            "outer_momentum": self.outer_momentum,
+            "nesterov": self.nesterov,
             "steps": list(self.steps),
             "syncs": self.syncs,
             "skipped": self.skipped,
         }
 
     def tensors(self) -> dict[str, dict[str, Tensor]]:
-        """Name -> tensor maps for ``fast``, ``slow`` and pullback's ``slow_moments`` (live, not copies)."""
-        fast: dict[str, Tensor] = {}
-        slow: dict[str, Tensor] = {}
-        moments: dict[str, Tensor] = {}
+        """Name -> tensor maps for ``fast``, ``slow``, pullback's ``slow_moments`` and the outer
+        ``momentum`` buffers (live, not copies)."""
+        out: dict[str, dict[str, Tensor]] = {"fast": {}, "slow": {}, "slow_moments": {}, "momentum": {}}
         for g, m in zip(self.groups, self.slow_moments):
-            fast.update(g.fast_tensors())
-            slow.update(g.slow_tensors())
-            moments.update(m)
-        return {"fast": fast, "slow": slow, "slow_moments": moments}
+            out["fast"].update(g.fast_tensors())
+            out["slow"].update(g.slow_tensors())
+            out["slow_moments"].update(m)
+            out["momentum"].update(g.momentum_tensors())
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         steps = list(state["steps"])
@@ -335,6 +363,9 @@ class Lookahead:
         self.steps = steps
         self.syncs = int(state["syncs"])
         self.skipped = int(state.get("skipped", 0))
+        if (state.get("outer_momentum", 0.0), state.get("nesterov", True)) != (self.outer_momentum, self.nesterov):
+            for g in self.groups:  # a buffer of another outer optimizer means nothing to this one
+                g.momentum = None
 
     def load_tensors(self, tensors: Mapping[str, Mapping[str, Tensor]]) -> None:
         """Restore after :meth:`attach`: the parameters already hold the slow weights (loaded from
@@ -352,6 +383,7 @@ class Lookahead:
                 g.add(new)
         for g, opt, moments in zip(self.groups, self.optimizers, self.slow_moments):
             g.load_fast(fast)
+            g.load_momentum(dict(tensors.get("momentum", {})) if self.outer_momentum else {})
             moments.clear()
             for name, p in zip(g.names, g.params):
                 live = inner.first_moment(opt, p) if name in saved_moments else None

@@ -31,22 +31,39 @@ class SlowWeights:
         ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
     """
 
-    def __init__(self, named_params: Sequence[tuple[str, Tensor]], slow: Mapping[str, Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        named_params: Sequence[tuple[str, Tensor]],
+        slow: Mapping[str, Tensor] | None = None,
+        momentum: Mapping[str, Tensor] | None = None,
+    ) -> None:
         self.names: list[str] = []
         self.params: list[Tensor] = []
         self.stash: list[Tensor] = []
+        self.momentum: list[Tensor] | None = None  # outer momentum buffers, created at the first sync with mu > 0
         self.swapped = False  # True: params hold phi and ``stash`` holds theta
-        self.add(named_params, slow)
+        self.add(named_params, slow, momentum)
 
-    def add(self, named_params: Sequence[tuple[str, Tensor]], slow: Mapping[str, Tensor] | None = None) -> None:
+    def add(
+        self,
+        named_params: Sequence[tuple[str, Tensor]],
+        slow: Mapping[str, Tensor] | None = None,
+        momentum: Mapping[str, Tensor] | None = None,
+    ) -> None:
         """Start slow weights for more parameters: ``slow[name]`` where given (taken over, not
-        copied: e.g. from the group of an optimizer that was replaced), else their current values."""
+        copied: e.g. from the group of an optimizer that was replaced), else their current values.
+        Their outer momentum buffers (if this group has them) are ``momentum[name]`` or zeros."""
         assert not self.swapped
-        slow = slow or {}
+        slow, momentum = slow or {}, momentum or {}
         self.names += [n for n, _ in named_params]
         self.params += [p for _, p in named_params]
         # Our own storage, never an alias: clone() keeps strides so a pointer swap is shape-exact.
-        self.stash += [slow[n] if n in slow else local(p).detach().clone() for n, p in named_params]
+        new = [slow[n] if n in slow else local(p).detach().clone() for n, p in named_params]
+        self.stash += new
+        if self.momentum is not None or momentum:
+            if self.momentum is None:
+                self.momentum = [torch.zeros_like(t) for t in self.stash[: len(self.stash) - len(new)]]
+            self.momentum += [momentum[n] if n in momentum else torch.zeros_like(t) for (n, _), t in zip(named_params, new)]
         self.buckets = group_indices_by_device_dtype([local(p) for p in self.params])
         self.sharded = [is_sharded(p) for p in self.params]
 
@@ -65,14 +82,26 @@ class SlowWeights:
         src = [local(p) for p in self.params] if self.swapped else self.stash
         return dict(zip(self.names, src))
 
+    def momentum_tensors(self) -> dict[str, Tensor]:
+        """Name -> the outer momentum buffer (local shards); empty before the first sync with mu > 0."""
+        return dict(zip(self.names, self.momentum)) if self.momentum is not None else {}
+
     # ---------------------------------------------------------------- sync
     @torch.no_grad()
-    def sync(self, alpha: float, stats: bool = True) -> SyncStats:
-        """``phi <- phi + alpha (theta - phi); theta <- phi`` unless theta holds inf/nan.
+    def sync(self, alpha: float, stats: bool = True, momentum: float = 0.0, nesterov: bool = True) -> SyncStats:
+        """The outer step on the pseudo-gradient ``s = phi - theta``, then ``theta <- phi``; nothing
+        is written when theta holds inf/nan.
+
+        ``momentum == 0`` is Lookahead: ``phi <- phi + alpha (theta - phi)``. With momentum ``mu``
+        and a buffer ``b`` (zeros at first): ``b <- mu b + s``, then ``phi <- phi - alpha (s + mu b)``
+        (``nesterov``, SNOO / DiLoCo's outer step) or ``phi <- phi - alpha b`` (heavy ball,
+        SlowMo), i.e. ``torch.optim.SGD(lr=alpha, momentum=mu, nesterov=...)`` stepped on ``phi``
+        with gradient ``s``, op for op.
 
         One host read per call (the finiteness decision), none otherwise. ``stats=True`` also
-        measures ``||theta - phi|| / ||phi||``, which costs two more passes over the parameters.
-        Memory traffic in parameter bytes (4x is the floor: read theta and phi, write both):
+        measures ``||theta - phi|| / ||phi||`` (and, with momentum, the outer step's norm), which
+        costs more passes. Memory traffic in parameter bytes (4x is the floor: read theta and phi,
+        write both; momentum reads and writes ``b`` too):
 
         ===========  ==================================================  =======
         path         passes                                              traffic
@@ -80,16 +109,18 @@ class SlowWeights:
         lean         ||theta|| guard, lerp_(phi, theta), copy_(theta)    6x
         stats        the same guard, ||theta - phi|| (block temporary),  8x + d
                      ||phi||, then the same lerp_ and copy_
+        momentum     guard, s (block temporary), b, phi, copy_(theta)    8x + d
         ===========  ==================================================  =======
 
-        Both paths apply the identical update, so a run's trajectory does not depend on whether
-        the distance is measured. Nothing is written when theta is not finite. ``alpha == 1``
-        copies theta into phi and never writes theta, so ``k=1, alpha=1`` is bit-for-bit plain
-        training.
+        All paths of one setting apply the identical update, so a run's trajectory does not depend
+        on whether the distance is measured. ``alpha == 1`` without momentum copies theta into phi
+        and never writes theta, so ``k=1, alpha=1`` is bit-for-bit plain training.
         """
         assert not self.swapped, "sync while the slow weights are swapped in"
         if not self.buckets:  # an optimizer whose parameters are all frozen (for now)
             return SyncStats(applied=True)
+        if momentum:
+            return self._sync_momentum(alpha, momentum, nesterov, stats)
         return self._sync_stats(alpha) if stats else self._sync_lean(alpha)
 
     def _all_finite(self, total: Tensor) -> bool:
@@ -107,7 +138,7 @@ class SlowWeights:
             yield from _cache_blocks(theta, phi)
 
     def _theta_finite(self) -> bool:
-        # one guard for both paths (float32 norms of theta), so they always decide alike
+        # one guard for every path (float32 norms of theta), so they always decide alike
         return self._all_finite(_total([_sq_norm(theta) for theta, _ in self._pairs()]))
 
     def _sync_lean(self, alpha: float) -> SyncStats:
@@ -137,6 +168,37 @@ class SlowWeights:
             else:
                 torch._foreach_lerp_(phi, theta, alpha)  # phi + alpha (theta - phi)
                 torch._foreach_copy_(theta, phi)
+
+    def _sync_momentum(self, alpha: float, mu: float, nesterov: bool, stats: bool) -> SyncStats:
+        ok = self._theta_finite()  # decided before anything is written: b is guarded like phi
+        if self.momentum is None:
+            self.momentum = [torch.zeros_like(t) for t in self.stash]
+        d_sq, phi_sq, step_sq = [], [], []
+        for idx in self.buckets:
+            theta, phi, buf = self._fast(idx), [self.stash[i] for i in idx], [self.momentum[i] for i in idx]
+            for t, p, b in _cache_blocks(theta, phi, buf):
+                s = torch._foreach_sub(p, t)  # the pseudo-gradient, in a block-sized temporary
+                if stats:
+                    d_sq.append(_sq_norm(s))
+                    phi_sq.append(_sq_norm(p))
+                if not ok:
+                    continue
+                # torch.optim.SGD's foreach momentum step, op for op (dampening 0)
+                torch._foreach_mul_(b, mu)
+                torch._foreach_add_(b, s)
+                if nesterov:
+                    torch._foreach_add_(s, b, alpha=mu)
+                step = s if nesterov else b
+                if stats:
+                    step_sq.append(_sq_norm(step) * (alpha * alpha))
+                torch._foreach_add_(p, step, alpha=-alpha)
+                torch._foreach_copy_(t, p)
+        if not stats:
+            return SyncStats(applied=ok)
+        total_d, total_phi = _total(d_sq), _total(phi_sq)
+        rel = total_d.sqrt() / total_phi.sqrt().clamp_min(1e-30)
+        total_step = _total(step_sq) if step_sq else torch.zeros_like(total_d)
+        return SyncStats(applied=ok, rel_distance=rel, d_sq=total_d, phi_sq=total_phi, step_sq=total_step)
 
     # ---------------------------------------------------------------- swap
     @torch.no_grad()
@@ -179,14 +241,28 @@ class SlowWeights:
         for i, name in enumerate(self.names):
             local(self.params[i]).copy_(local_from_saved(self.params[i], fast[name]))
 
+    @torch.no_grad()
+    def load_momentum(self, momentum: dict[str, Tensor]) -> None:
+        """Outer momentum buffers from a name -> tensor map (a missing name: zeros; an empty map:
+        no buffers yet, as before the first sync)."""
+        if not momentum:
+            self.momentum = None
+            return
+        self.momentum = [
+            local_from_saved(p, momentum[n]).to(self.stash[i].device).clone()
+            if n in momentum
+            else torch.zeros_like(self.stash[i])
+            for i, (n, p) in enumerate(zip(self.names, self.params))
+        ]
+
 
 CPU_BLOCK = 1 << 17  # elements per cache block: theta + phi of a float32 block fit a 1 MiB L2
 DEVICE_BLOCK = 1 << 24  # elsewhere (GPU): only bounds the distance temporary (64 MiB of float32)
 
 
-def _cache_blocks(theta: list[Tensor], phi: list[Tensor]):
-    """Split a bucket into blocks of about ``CPU_BLOCK`` elements on CPU (``DEVICE_BLOCK``
-    elsewhere); tensors larger than a block are split into views.
+def _cache_blocks(*lists: list[Tensor]):
+    """Split aligned tensor lists (theta, phi, ...) into blocks of about ``CPU_BLOCK`` elements on
+    CPU (``DEVICE_BLOCK`` elsewhere); tensors larger than a block are split into views.
 
     On CPU each ``torch._foreach_*`` op is a loop over its tensors, so running every op over the
     whole model streams it through memory once per op; per block, the second op reads what the
@@ -194,23 +270,21 @@ def _cache_blocks(theta: list[Tensor], phi: list[Tensor]):
     the bare foreach pair.) GPUs have multi-tensor kernels; there the large blocks only bound the
     distance temporary.
     """
-    limit = CPU_BLOCK if theta[0].device.type == "cpu" else DEVICE_BLOCK
-    block_t: list[Tensor] = []
-    block_p: list[Tensor] = []
+    limit = CPU_BLOCK if lists[0][0].device.type == "cpu" else DEVICE_BLOCK
+    block: list[list[Tensor]] = [[] for _ in lists]
     size = 0
-    for t, p in zip(theta, phi):
-        if t.numel() > limit and t.is_contiguous() and p.is_contiguous():
-            for a, b in zip(t.view(-1).split(limit), p.view(-1).split(limit)):
-                yield [a], [b]
+    for ts in zip(*lists):
+        if ts[0].numel() > limit and all(t.is_contiguous() for t in ts):
+            yield from ([[piece] for piece in pieces] for pieces in zip(*(t.view(-1).split(limit) for t in ts)))
             continue
-        block_t.append(t)
-        block_p.append(p)
-        size += t.numel()
+        for dst, t in zip(block, ts):
+            dst.append(t)
+        size += ts[0].numel()
         if size >= limit:
-            yield block_t, block_p
-            block_t, block_p, size = [], [], 0
-    if block_t:
-        yield block_t, block_p
+            yield block
+            block, size = [[] for _ in lists], 0
+    if block[0]:
+        yield block
 
 
 def _sq_norm(tensors: list[Tensor]) -> Tensor:
@@ -230,7 +304,7 @@ def _total(parts: list[Tensor]) -> Tensor:
 class SyncStats:
     """Outcome of one sync. Tensors stay on device: reading them is the caller's choice."""
 
-    __slots__ = ("applied", "rel_distance", "d_sq", "phi_sq")
+    __slots__ = ("applied", "rel_distance", "d_sq", "phi_sq", "step_sq")
 
     def __init__(
         self,
@@ -238,8 +312,17 @@ class SyncStats:
         rel_distance: Tensor | None = None,
         d_sq: Tensor | None = None,
         phi_sq: Tensor | None = None,
+        step_sq: Tensor | None = None,
     ) -> None:
         self.applied = applied
         self.rel_distance = rel_distance  # ||theta - phi|| / ||phi|| before the sync (this rank's part); None: not measured
-        self.d_sq = d_sq
-        self.phi_sq = phi_sq
+        self.d_sq = d_sq  # ||theta - phi||^2 (this rank's part)
+        self.phi_sq = phi_sq  # ||phi||^2 before the sync (this rank's part)
+        self.step_sq = step_sq  # ||phi_new - phi||^2 of a momentum outer step (this rank's part); else None
+
+    @property
+    def rel_step(self) -> Tensor | None:
+        """||phi_new - phi|| / ||phi|| of a momentum outer step (None without momentum or stats)."""
+        if self.step_sq is None or self.phi_sq is None:
+            return None
+        return self.step_sq.sqrt() / self.phi_sq.sqrt().clamp_min(1e-30)

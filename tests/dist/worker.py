@@ -27,10 +27,14 @@ warnings.filterwarnings("ignore")
 
 
 class Module(L.LightningModule):
-    def __init__(self, fsdp2: bool = False, opt: str = "sgd", root_only: bool = False, poison_rank=None) -> None:
+    def __init__(
+        self, fsdp2: bool = False, opt: str = "sgd", root_only: bool = False, poison_rank=None, freeze_first=False
+    ) -> None:
         super().__init__()
         self.net = make_net(0)
         self.fsdp2, self.opt, self.root_only, self.poison_rank = fsdp2, opt, root_only, poison_rank
+        if freeze_first:  # a frozen first layer that no optimizer updates (fine-tuning a head)
+            self.net[0].requires_grad_(False)
         self.val_snapshots: list[dict[str, torch.Tensor]] = []
 
     def configure_model(self) -> None:
@@ -62,9 +66,28 @@ class Module(L.LightningModule):
         return self.validation_step(batch, batch_idx)
 
     def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
         if self.opt == "adam":
-            return torch.optim.Adam(self.parameters(), lr=0.02)
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            return torch.optim.Adam(params, lr=0.02)
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+class SkipStepModule(Module):
+    """Manual optimisation where one rank skips its optimizer step on one batch (a 'bad batch'
+    guard), so that rank's step and sync counters fall behind the others'."""
+
+    def __init__(self, skip_rank: int, **kw) -> None:
+        super().__init__(**kw)
+        self.automatic_optimization = False
+        self.skip_rank = skip_rank
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        opt.zero_grad()
+        self.manual_backward(nn.functional.mse_loss(self.net(x), y))  # DDP all-reduces on every rank
+        if not (self.global_rank == self.skip_rank and batch_idx == 1):
+            opt.step()
 
 
 class Perturb(Callback):
@@ -122,6 +145,9 @@ def main() -> None:
     ap.add_argument("--root-only", action="store_true", help="FSDP2: shard only the root module")
     ap.add_argument("--poison-rank", type=int, default=None, help="inf gradient on this rank at step 4")
     ap.add_argument("--full-ckpt", action="store_true", help="FSDP2: single-file (full) checkpoints")
+    ap.add_argument("--outer-momentum", type=float, default=0.0)
+    ap.add_argument("--freeze-first", action="store_true", help="net.0 frozen and not optimised")
+    ap.add_argument("--skip-step-rank", type=int, default=None, help="manual optimisation; this rank skips a step")
     args = ap.parse_args()
 
     fsdp2 = args.strategy == "fsdp2"
@@ -133,7 +159,9 @@ def main() -> None:
         )
     else:
         strategy = args.strategy
-    cb = LookaheadCallback(k=4, alpha=0.5, inner_state=args.inner, check_ranks_every=args.check_every)
+    cb = LookaheadCallback(
+        k=4, alpha=0.5, inner_state=args.inner, check_ranks_every=args.check_every, outer_momentum=args.outer_momentum
+    )
     callbacks: list[Callback] = [cb, Dump(cb, args.out)]
     if args.perturb_rank is not None:
         callbacks.append(Perturb(cb, args.perturb_rank))
@@ -154,7 +182,9 @@ def main() -> None:
         deterministic=True,
         use_distributed_sampler=False,
     )
-    model = Module(fsdp2, args.opt, args.root_only, args.poison_rank)
+    kw = dict(fsdp2=fsdp2, opt=args.opt, root_only=args.root_only, poison_rank=args.poison_rank)
+    kw["freeze_first"] = args.freeze_first
+    model = Module(**kw) if args.skip_step_rank is None else SkipStepModule(args.skip_step_rank, **kw)
     # Explicit in-order sharding: rank r sees samples r, r+2, ...; 8 per rank = a 16-sample global batch
     # equal to the single-process batch of samples 0..15.
     rank = int(os.environ.get("LOCAL_RANK", 0)) if args.strategy != "ddp_spawn" else None
@@ -177,6 +207,7 @@ class Dump(Callback):
             {
                 "slow": {n: t.detach().clone() for n, t in tensors["slow"].items()},
                 "fast": {n: t.detach().clone() for n, t in tensors["fast"].items()},
+                "momentum": {n: t.detach().clone() for n, t in tensors["momentum"].items()},
                 "params": {n: local(p).detach().clone() for n, p in pl_module.named_parameters()},
                 "val_snapshots": pl_module.val_snapshots,
                 "steps": self.cb.lookahead.steps,
