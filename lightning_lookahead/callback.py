@@ -147,7 +147,12 @@ class LookaheadCallback(Callback):
         """Create the slow weights once the strategy has placed, wrapped and restored the model."""
         if self.attached:
             return
-        self.lookahead.attach(trainer.optimizers, pl_module)  # phi := current (maybe restored) weights
+        if self._pending is not None and "sharded_path" in self._pending:
+            claim = distributed.saved_names(self._pending["sharded_path"], f"state_dict.{FAST_PREFIX}")
+        else:
+            claim = self._pending["fast"].keys() if self._pending is not None else None
+        # phi := the current weights (a checkpoint's slow weights after a restore)
+        self.lookahead.attach(trainer.optimizers, pl_module, claim)
         self.lookahead.gate = _Listed(self, trainer)
         # the distance costs extra passes per sync: measure it only if someone will see it. With
         # shards it needs a collective, so there it must not depend on a per-rank logger choice.
@@ -184,16 +189,15 @@ class LookaheadCallback(Callback):
             )
 
     def _restore_attached(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # The module's parameters now hold the checkpoint's state_dict, i.e. its slow weights.
+        # The module's parameters hold the checkpoint's state_dict now, i.e. its slow weights
+        # (also when they were swapped in: the loaded values went wherever the parameters point),
+        # so this is a resume like any other: start over from them and apply the checkpoint.
         if self._pending is not None and self._pending.get("reset"):  # saved before Lookahead started
             self._pending = self._pending_state = None
-            self.lookahead.detach()
-            self.lookahead = self._new_core()
-            self._attach(trainer, pl_module)
-            return
-        self.lookahead.take_slow_from_parameters()
-        self.lookahead.follow(trainer.optimizers)
-        self._apply_pending(trainer)
+        self.lookahead.detach()
+        self.lookahead = self._new_core()
+        self._eval_swapped = False
+        self._attach(trainer, pl_module)
 
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -78,6 +78,14 @@ def load_sharded(path: str, templates: dict[str, Tensor], prefix: str = "state_d
     return wanted
 
 
+def saved_names(path: str, prefix: str) -> list[str]:
+    """The names after ``prefix`` of the entries of a distributed checkpoint directory."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return [k.removeprefix(prefix) for k in keys if k.startswith(prefix)]
+
+
 def reshard(module: torch.nn.Module) -> None:
     """Free FSDP2's gathered parameters so the next forward all-gathers from the shards.
 

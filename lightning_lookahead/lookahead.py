@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -142,11 +142,13 @@ class Lookahead:
         self.gate: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------ attach
-    def attach(self, optimizers: Sequence[Optimizer], module: nn.Module) -> None:
+    def attach(self, optimizers: Sequence[Optimizer], module: nn.Module, claim: Collection[str] | None = None) -> None:
         """Create slow weights for every trainable parameter of ``optimizers`` and start counting.
 
         Parameters are named as in ``module.named_parameters()``; each optimizer gets its own
-        step counter and slow-weight group.
+        step counter and slow-weight group. ``claim`` (when resuming: the names a saved state has
+        fast weights for) takes exactly those parameters of the optimizers instead, frozen or not;
+        the others join at their optimizer's next sync, as they did in the run that saved it.
         """
         self.detach()
         self._module = module
@@ -155,7 +157,8 @@ class Lookahead:
         self.optimizers = list(optimizers)
         for opt in self.optimizers:
             inner.check_supported(opt, self.inner_state)
-        self.groups = [SlowWeights(self._claim(i)) for i in range(len(self.optimizers))]
+        only = None if claim is None else frozenset(claim)
+        self.groups = [SlowWeights(self._claim(i, only=only)) for i in range(len(self.optimizers))]
         self.steps = [0] * len(self.optimizers)
         self.slow_moments = [{} for _ in self.optimizers]
         self.last_stats = {}
@@ -197,13 +200,14 @@ class Lookahead:
         self.hook()
         return True
 
-    def _claim(self, index: int, include: frozenset[str] = frozenset()) -> list[tuple[str, Tensor]]:
+    def _claim(self, index: int, only: frozenset[str] | None = None) -> list[tuple[str, Tensor]]:
         """Parameters of optimizer ``index`` that have no slow weights yet, named: the trainable
-        ones, plus frozen ones whose names are in ``include``."""
+        ones, or exactly those named in ``only`` (frozen or not)."""
         opt, named = self.optimizers[index], []
         for group in opt.param_groups:
             for p in group["params"]:
-                if self._owner.get(p) == index or not (p.requires_grad or self._names.get(p) in include):
+                wanted = p.requires_grad if only is None else self._names.get(p) in only
+                if self._owner.get(p) == index or not wanted:
                     continue
                 if p in self._owner:
                     raise ValueError(
@@ -321,16 +325,6 @@ class Lookahead:
                 changed = True
         return changed
 
-    def take_slow_from_parameters(self) -> None:
-        """The parameters were just overwritten with saved slow weights (a checkpoint's
-        ``state_dict`` restored in the middle of a run): make those values ``phi``, in place, then
-        give the parameters back their fast weights with :meth:`load_tensors`."""
-        if self.swapped:  # the values went into the slow storage the parameters were pointing at
-            self._set_swapped(False)
-        else:
-            for g in self.groups:
-                g.copy_parameters_to_slow()
-
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Small, picklable state: numbers and strings only (tensors: :meth:`tensors`)."""
@@ -378,7 +372,7 @@ class Lookahead:
         fast = dict(tensors["fast"])
         saved_moments = tensors.get("slow_moments", {}) if self.inner_state == "pullback" else {}
         for i, g in enumerate(self.groups):
-            new = self._claim(i, include=frozenset(fast))
+            new = self._claim(i, only=frozenset(fast))
             if new:
                 g.add(new)
         for g, opt, moments in zip(self.groups, self.optimizers, self.slow_moments):

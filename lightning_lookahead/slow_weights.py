@@ -225,13 +225,6 @@ class SlowWeights:
 
     # ---------------------------------------------------------------- restore
     @torch.no_grad()
-    def copy_parameters_to_slow(self) -> None:
-        """phi <- the parameters' current values (e.g. a checkpoint's slow weights just loaded)."""
-        assert not self.swapped
-        for theta, phi in self._pairs():
-            torch._foreach_copy_(phi, theta)
-
-    @torch.no_grad()
     def load_fast(self, fast: dict[str, Tensor]) -> None:
         """Overwrite theta from a name -> tensor map (e.g. a checkpoint), moving devices."""
         assert not self.swapped
