@@ -238,8 +238,9 @@ class LookaheadCallback(Callback):
         la = self.lookahead
         counters = {f"step counter of optimizer {i}": s for i, s in enumerate(la.steps)}
         counters.update({"sync counter": la.syncs, "skipped-sync counter": la.skipped})
-        names += list(counters)
-        tensors += [torch.tensor(float(v), dtype=torch.float64) for v in counters.values()]
+        # counters first: when they differ they are the cause, the weights the consequence
+        names = list(counters) + names
+        tensors = [torch.tensor(float(v), dtype=torch.float64) for v in counters.values()] + tensors
         distributed.check_replicated(names, tensors)
 
     def _log_syncs(self, trainer: Trainer) -> None:

@@ -119,7 +119,8 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
 
 class RankMismatchError(RuntimeError):
-    """The slow weights differ between ranks: something broke the data-parallel invariant."""
+    """Lookahead's replicated state (slow weights, outer momentum, step and sync counters) differs
+    between ranks: something broke the data-parallel invariant."""
 
 
 @torch.no_grad()
@@ -143,9 +144,10 @@ def check_replicated(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
     if bad:
         first = names[bad[0]]
         raise RankMismatchError(
-            f"Lookahead slow weights differ across {world_size()} ranks; first differing parameter:"
+            f"Lookahead state differs across {world_size()} ranks; first differing entry:"
             f" {first!r} (checksums range {lo[bad[0]].item():.17g}..{hi[bad[0]].item():.17g});"
-            f" {len(bad)} of {len(tensors)} parameters differ. Ranks must run identical updates."
+            f" {len(bad)} of {len(tensors)} entries differ: {[names[i] for i in bad[:6]]}."
+            " Ranks must run identical updates."
         )
 
 

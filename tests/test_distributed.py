@@ -57,10 +57,10 @@ def load(out: Path, stage: str, rank: int) -> dict:
     return torch.load(out / f"{stage}_rank{rank}.pt", weights_only=False)
 
 
-def assert_ranks_identical(out: Path, stage: str = "fit") -> None:
+def assert_ranks_identical(out: Path, stage: str = "fit", names: list[str] = NAMES) -> None:
     r0, r1 = load(out, stage, 0), load(out, stage, 1)
     for kind in ("slow", "fast"):
-        for n in NAMES:
+        for n in names:
             assert torch.equal(r0[kind][n], r1[kind][n]), (kind, n)
 
 
@@ -131,9 +131,18 @@ def test_ddp_logging_is_rank_zero_at_sync_steps_only(ddp_runs):
 
 def test_ddp_spawn(tmp_path):
     # (a second spawn for trainer.validate crashes gloo teardown on this machine; validate is covered under ddp)
-    run_worker(tmp_path, "--strategy", "ddp_spawn", "--epochs", "2", "--no-validate")
+    main_ckpt = tmp_path / "main.ckpt"
+    run_worker(tmp_path, "--strategy", "ddp_spawn", "--epochs", "2", "--no-validate", "--save-main", str(main_ckpt))
     assert_ranks_identical(tmp_path)
-    assert_matches_single_process(load(tmp_path, "fit", 0)["slow"], "sgd", epochs=2)
+    slow = load(tmp_path, "fit", 0)["slow"]
+    assert_matches_single_process(slow, "sgd", epochs=2)
+    # The launching process ran no fit hook: Lightning copied back only the module's weights (the
+    # slow ones); a checkpoint saved there says so instead of silently lacking the fast weights.
+    assert "never took part in a fit" in (tmp_path / "main_warnings.txt").read_text()
+    ckpt = torch.load(main_ckpt, weights_only=True)
+    assert "lookahead" not in ckpt
+    for n in NAMES:
+        assert torch.equal(ckpt["state_dict"][n], slow[n])
 
 
 def test_rank_mismatch_is_caught_and_named(tmp_path):
@@ -142,12 +151,36 @@ def test_rank_mismatch_is_caught_and_named(tmp_path):
     )
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr
-    assert "RankMismatchError" in log and "first differing parameter: 'net.2.bias'" in log, log[-3000:]
+    assert "RankMismatchError" in log and "first differing entry: 'net.2.bias'" in log, log[-3000:]
 
 
-def test_rank_check_passes_when_ranks_agree(tmp_path):
-    run_worker(tmp_path, "--strategy", "ddp", "--epochs", "3", "--check-every", "1")
-    assert_ranks_identical(tmp_path)
+def test_rank_divergence_in_step_counts_raises_on_every_rank_without_a_hang(tmp_path):
+    """Manual optimisation, rank 1 skips one optimizer step (a bad-batch guard): its step and sync
+    counters fall behind. The check runs at batch counts every rank reaches together, so both ranks
+    raise (before the fix, the ranks reached the check's all-reduce at different times and hung)."""
+    proc = run_worker(
+        tmp_path, "--strategy", "ddp", "--epochs", "2", "--skip-step-rank", "1", "--check-every", "1", ok=False, timeout=120
+    )
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert log.count("RankMismatchError: Lookahead state differs") >= 2, log[-3000:]  # raised on both ranks
+    assert "first differing entry: 'step counter of optimizer 0'" in log, log[-3000:]
+
+
+def test_rank_check_passes_when_ranks_agree_and_frozen_parameters_checkpoint(tmp_path):
+    """One run for two things: the rank check passes on agreeing ranks, and a frozen, unoptimised
+    first layer does not break checkpoint saving on either rank (a KeyError on both before)."""
+    ck = tmp_path / "ck"
+    run_worker(tmp_path, "--strategy", "ddp", "--epochs", "3", "--check-every", "1", "--freeze-first", "--ckpt-dir", str(ck))
+    assert_ranks_identical(tmp_path, names=NAMES[2:])
+    fit = load(tmp_path, "fit", 0)
+    assert set(fit["slow"]) == set(NAMES[2:]) and fit["steps"] == [9]
+    ckpt = torch.load(ck / "epoch=2.ckpt", weights_only=True)
+    first = make_net()
+    assert torch.equal(ckpt["state_dict"]["net.0.weight"], first[0].weight.detach())  # never trained, saved as is
+    for n in NAMES[2:]:
+        assert torch.equal(ckpt["state_dict"][n], fit["slow"][n])
+        assert torch.equal(ckpt["lookahead"]["fast"][n], fit["fast"][n])
 
 
 @pytest.fixture(scope="module")
@@ -194,10 +227,15 @@ def test_fsdp2_root_group_trains_on_fast_weights_after_validation(tmp_path):
     assert_matches_single_process_fast(_gather(tmp_path, "fast"), "sgd", epochs=3)
 
 
-def test_fsdp2_nonfinite_decision_is_the_same_on_every_rank(tmp_path):
-    run_worker(tmp_path, "--strategy", "fsdp2", "--epochs", "2", "--poison-rank", "0", "--no-validate")
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fsdp2_nonfinite_decision_is_the_same_on_every_rank(tmp_path, rank):
+    """Either rank's shard turns non-finite: every rank must skip (a decision taken by rank 0
+    alone would, with rank 1 poisoned, write inf into rank 1's slow shard)."""
+    run_worker(tmp_path, "--strategy", "fsdp2", "--epochs", "2", "--poison-rank", str(rank), "--no-validate")
     r0, r1 = load(tmp_path, "fit", 0), load(tmp_path, "fit", 1)
     assert (r0["syncs"], r0["skipped"]) == (r1["syncs"], r1["skipped"]) == (0, 1)
+    for r in (r0, r1):
+        assert all(torch.isfinite(t).all() for t in r["slow"].values())
 
 
 @pytest.mark.parametrize("layout", ["resumed", "resumed_file"])

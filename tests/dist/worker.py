@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--outer-momentum", type=float, default=0.0)
     ap.add_argument("--freeze-first", action="store_true", help="net.0 frozen and not optimised")
     ap.add_argument("--skip-step-rank", type=int, default=None, help="manual optimisation; this rank skips a step")
+    ap.add_argument("--save-main", default=None, help="after fit, trainer.save_checkpoint here in the launching process")
     args = ap.parse_args()
 
     fsdp2 = args.strategy == "fsdp2"
@@ -191,6 +192,12 @@ def main() -> None:
     train = _loader(make_data(0), rank)
     val = _loader(make_data(1), rank)
     trainer.fit(model, train, val, ckpt_path=args.ckpt)
+    if args.save_main:  # ddp_spawn: this is the launching process, where no fit hook ran
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.save_checkpoint(args.save_main)
+        with open(os.path.join(args.out, "main_warnings.txt"), "w") as f:
+            f.write("\n".join(str(w.message) for w in caught))
     if not args.no_validate:
         trainer.validate(model, val, verbose=False)  # after fit: the module holds the slow weights
 
