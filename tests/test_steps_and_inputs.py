@@ -38,9 +38,15 @@ class PoisonGrad(RegressionModule):
         self.batch_idx_now = batch_idx
 
 
-def test_amp_skipped_step_does_not_count():
+class FusedPoisonGrad(PoisonGrad):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01, fused=True)  # GradScaler calls step() with found_inf
+
+
+@pytest.mark.parametrize("module", [PoisonGrad, FusedPoisonGrad], ids=["sgd", "fused-adam"])
+def test_amp_skipped_step_does_not_count(module):
     """A real GradScaler skips the step with an inf gradient; the sync lands one batch later."""
-    model = PoisonGrad(poison_batches={1})
+    model = module(poison_batches={1})
     cb = LookaheadCallback(k=3, alpha=0.5)
     log = SyncLog(cb)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
