@@ -150,6 +150,7 @@ def main() -> None:
     ap.add_argument("--skip-step-rank", type=int, default=None, help="manual optimisation; this rank skips a step")
     ap.add_argument("--save-main", default=None, help="after fit, trainer.save_checkpoint here in the launching process")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
 
     fsdp2 = args.strategy == "fsdp2"
     if fsdp2:
@@ -209,6 +210,11 @@ class Dump(Callback):
         self.cb, self.out = cb, out
 
     def teardown(self, trainer, pl_module, stage):
+        la = self.cb.lookahead
+        if trainer.global_rank == 0:
+            stage_name = getattr(stage, "value", stage)
+            print(f"{stage_name}: {trainer.world_size} ranks, {trainer.global_step} optimizer steps, Lookahead steps"
+                  f" {la.steps}, syncs {la.syncs}, skipped {la.skipped}; tensors of each rank in {self.out}", flush=True)
         tensors = self.cb.lookahead.tensors()
         torch.save(
             {
