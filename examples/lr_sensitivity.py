@@ -228,13 +228,23 @@ def plot_curves(results: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None
     plt.close(fig)
 
 
+def default_out(quick: bool) -> Path:
+    """docs/ for the real study; a git-ignored folder for --quick, which must never overwrite it."""
+    here = Path(__file__).resolve().parent
+    return here / "out-quick" / "lr_sensitivity" if quick else here.parent / "docs"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="12 tiny runs (a smoke test, not a result)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default docs/; with --quick examples/out-quick/, git-ignored)"
+    )
     parser.add_argument("--plot-only", action="store_true", help="only redraw the PNGs from the CSVs in --out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see below)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = default_out(args.quick)
     # a CNN this small gains little from a second thread, and on a shared machine extra threads
     # spin against other processes: one epoch took 3.7 s with 1 thread vs 30 s with 2 under load
     torch.set_num_threads(args.threads)

@@ -99,18 +99,22 @@ class SlowWeights:
         with gradient ``s``, op for op.
 
         One host read per call (the finiteness decision), none otherwise. ``stats=True`` also
-        measures ``||theta - phi|| / ||phi||`` (and, with momentum, the outer step's norm), which
-        costs more passes. Memory traffic in parameter bytes (4x is the floor: read theta and phi,
-        write both; momentum reads and writes ``b`` too):
+        measures ``||theta - phi|| / ||phi||`` (and, with momentum, the outer step's norm) for an
+        applied sync. Memory traffic in parameter bytes (4x is the floor: read theta and phi, write
+        both; momentum reads and writes ``b`` too). The guard must read all of theta before anything
+        is written; after it, on CPU each cache block is read once from memory and every later op
+        of that block (the distance temporary, the norms, the update, the copy) works on what is in
+        cache. (On GPU the blocks only bound the temporary: each op streams its block from memory.)
 
-        ===========  ==================================================  =======
-        path         passes                                              traffic
-        ===========  ==================================================  =======
-        lean         ||theta|| guard, lerp_(phi, theta), copy_(theta)    6x
-        stats        the same guard, ||theta - phi|| (block temporary),  8x + d
-                     ||phi||, then the same lerp_ and copy_
-        momentum     guard, s (block temporary), b, phi, copy_(theta)    8x + d
-        ===========  ==================================================  =======
+        ===========  ===================================================  =======
+        path         passes                                               traffic
+        ===========  ===================================================  =======
+        lean         ||theta|| guard; per block lerp_, copy_              5x
+        stats        the same guard; per block theta - phi (temporary),   5x
+                     its norm, ||phi||, then the same lerp_ and copy_
+        momentum     the same guard; per block s (temporary), b, phi,     7x
+                     copy_ (and the norms with stats)
+        ===========  ===================================================  =======
 
         All paths of one setting apply the identical update, so a run's trajectory does not depend
         on whether the distance is measured. ``alpha == 1`` without momentum copies theta into phi
@@ -148,29 +152,27 @@ class SlowWeights:
         return SyncStats(applied=ok)
 
     def _sync_stats(self, alpha: float) -> SyncStats:
-        ok = self._theta_finite()
+        if not self._theta_finite():
+            return SyncStats(applied=False)  # nothing written; a distance to inf means nothing
         d_sq, phi_sq = [], []
         for theta, phi in self._blocks():
-            # d lives in a block-sized temporary (cache-resident on CPU, bounded on GPU): theta
-            # is never written before the update, which is the lean path's own
+            # the block was just read from memory: the distance (a block-sized temporary, cache-
+            # resident on CPU, bounded on GPU) and both norms cost compute, not traffic, and the
+            # update below is the lean path's own, so measuring never changes the trajectory
             d_sq.append(_sq_norm(torch._foreach_sub(theta, phi)))
             phi_sq.append(_sq_norm(phi))
+            _update(theta, phi, alpha)
         total_d, total_phi = _total(d_sq), _total(phi_sq)
-        if ok:
-            self._apply(alpha)
         rel = total_d.sqrt() / total_phi.sqrt().clamp_min(1e-30)
-        return SyncStats(applied=ok, rel_distance=rel, d_sq=total_d, phi_sq=total_phi)
+        return SyncStats(applied=True, rel_distance=rel, d_sq=total_d, phi_sq=total_phi)
 
     def _apply(self, alpha: float) -> None:
         for theta, phi in self._blocks():  # lerp and copy of a block share the cache
-            if alpha == 1.0:
-                torch._foreach_copy_(phi, theta)  # phi <- theta exactly; theta untouched
-            else:
-                torch._foreach_lerp_(phi, theta, alpha)  # phi + alpha (theta - phi)
-                torch._foreach_copy_(theta, phi)
+            _update(theta, phi, alpha)
 
     def _sync_momentum(self, alpha: float, mu: float, nesterov: bool, stats: bool) -> SyncStats:
-        ok = self._theta_finite()  # decided before anything is written: b is guarded like phi
+        if not self._theta_finite():  # decided before anything is written: b is guarded like phi
+            return SyncStats(applied=False)
         if self.momentum is None:
             self.momentum = [torch.zeros_like(t) for t in self.stash]
         d_sq, phi_sq, step_sq = [], [], []
@@ -181,8 +183,6 @@ class SlowWeights:
                 if stats:
                     d_sq.append(_sq_norm(s))
                     phi_sq.append(_sq_norm(p))
-                if not ok:
-                    continue
                 # torch.optim.SGD's foreach momentum step, op for op (dampening 0)
                 torch._foreach_mul_(b, mu)
                 torch._foreach_add_(b, s)
@@ -194,11 +194,10 @@ class SlowWeights:
                 torch._foreach_add_(p, step, alpha=-alpha)
                 torch._foreach_copy_(t, p)
         if not stats:
-            return SyncStats(applied=ok)
+            return SyncStats(applied=True)
         total_d, total_phi = _total(d_sq), _total(phi_sq)
         rel = total_d.sqrt() / total_phi.sqrt().clamp_min(1e-30)
-        total_step = _total(step_sq) if step_sq else torch.zeros_like(total_d)
-        return SyncStats(applied=ok, rel_distance=rel, d_sq=total_d, phi_sq=total_phi, step_sq=total_step)
+        return SyncStats(applied=True, rel_distance=rel, d_sq=total_d, phi_sq=total_phi, step_sq=_total(step_sq))
 
     # ---------------------------------------------------------------- swap
     @torch.no_grad()
@@ -278,6 +277,15 @@ def _cache_blocks(*lists: list[Tensor]):
             block, size = [[] for _ in lists], 0
     if block[0]:
         yield block
+
+
+def _update(theta: list[Tensor], phi: list[Tensor], alpha: float) -> None:
+    """``phi <- phi + alpha (theta - phi); theta <- phi`` for one block (the one update of every path)."""
+    if alpha == 1.0:
+        torch._foreach_copy_(phi, theta)  # phi <- theta exactly; theta untouched
+    else:
+        torch._foreach_lerp_(phi, theta, alpha)  # phi + alpha (theta - phi)
+        torch._foreach_copy_(theta, phi)
 
 
 def _sq_norm(tensors: list[Tensor]) -> Tensor:
