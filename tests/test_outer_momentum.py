@@ -38,6 +38,7 @@ def reference_outer(
     inner_state: str = "keep",
     batch_size: int = BATCH,
     switch: tuple[int, float, bool] | None = None,
+    new_inner_at: int | None = None,
     trace: list | None = None,
 ):
     """Lookahead with ``torch.optim.SGD`` as the outer optimizer on the pseudo-gradient.
@@ -45,7 +46,8 @@ def reference_outer(
     Runs ``n_batches`` batches of the shuffle-free loader (cycling epochs); every ``k`` inner steps:
     ``phi.grad = phi - theta``, ``outer.step()``, ``theta <- phi``, then the inner-state policy (as
     conftest.reference_lookahead does). ``switch=(step, mu2, nesterov2)``: after that many inner
-    steps a fresh outer SGD with those settings takes over (a zero buffer). ``trace`` collects, per
+    steps a fresh outer SGD with those settings takes over (a zero buffer); ``new_inner_at``: after
+    that many steps a fresh inner optimizer takes over. ``trace`` collects, per
     sync, phi before, theta before and phi after. ``mu = 0`` is plain Lookahead, ``phi.lerp_(theta,
     alpha)`` (SGD without momentum computes the same value with other rounding). Returns (fast,
     slow, momentum buffers); a buffer is None where there is none (mu = 0, or no sync yet).
@@ -96,6 +98,8 @@ def reference_outer(
                         m.copy_(sm)
         if switch is not None and steps == switch[0]:
             outer = new_outer(switch[1], switch[2])
+        if steps == new_inner_at:  # the inner optimizer is re-created (fresh state); phi and b go on
+            inner = make_optimizer(opt, params)
     momentum = [outer.state[s].get("momentum_buffer") if outer else None for s in slow]
     return [p.detach() for p in params], [s.detach() for s in slow], momentum
 
@@ -125,7 +129,8 @@ def _assert_equal_lists(got: dict, expected: list, what: str) -> None:
     """``got``: name -> tensor, named as in the module (``net.`` prefix) or the bare net; in parameter order."""
     assert [n.removeprefix("net.") for n in got] == [n.removeprefix("net.") for n in NAMES], what
     for (n, g), e in zip(got.items(), expected):
-        assert torch.equal(g, e), (what, n, (g - e).abs().max().item())
+        same = torch.equal(g, e)  # (not in the assert: keeps pytest's report short)
+        assert same, (what, n, (g.double() - e.double()).abs().max().item())
 
 
 def _fit(
@@ -255,6 +260,97 @@ def test_one_momentum_buffer_per_trained_parameter_after_the_first_sync():
     # mu = 0: still nothing after syncs
     la0 = _plain("sgd", 2, 0.5, 0.0, True, n_batches=4)
     assert la0.syncs == 2 and la0.tensors()["momentum"] == {}
+
+
+class _Net(nn.Module):
+    """Tensors larger than the sync's cache block (split into views), a non-contiguous one, a tiny one."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.big = nn.Parameter((torch.randn(700, 200, generator=g) * 0.05).to(dtype))  # 140000 > CPU_BLOCK
+        self.tr = nn.Parameter((torch.randn(400, 400, generator=g) * 0.05).to(dtype).t())  # non-contiguous
+        self.small = nn.Parameter(torch.randn(7, generator=g).to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.big) @ self.tr[:200, :10] + self.small.sum()
+
+
+def _lookahead_vs_torch_sgd(net_fn, dtype, n_in):
+    """Six inner SGD steps, k=2: (Lookahead's, torch SGD's) [slow, fast, momentum] lists."""
+    results = []
+    for use_lookahead in (True, False):
+        net = net_fn()
+        params = list(net.parameters())
+        inner = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        if use_lookahead:
+            la = Lookahead(k=2, alpha=0.7, outer_momentum=MU)
+            la.attach([inner], net)
+        else:
+            slow = [nn.Parameter(p.detach().clone()) for p in params]
+            outer = torch.optim.SGD(slow, lr=0.7, momentum=MU, nesterov=True)  # default: the per-tensor path
+        g = torch.Generator().manual_seed(1)
+        for step in range(1, 7):
+            net(torch.randn(3, n_in, generator=g).to(dtype)).square().mean().backward()
+            inner.step()
+            inner.zero_grad()
+            if not use_lookahead and step % 2 == 0:
+                with torch.no_grad():
+                    for s, p in zip(slow, params):
+                        s.grad = s.detach() - p.detach()
+                    outer.step()
+                    for s, p in zip(slow, params):
+                        p.copy_(s)
+        if use_lookahead:
+            t = la.tensors()
+            results.append([list(t[kind].values()) for kind in ("slow", "fast", "momentum")])
+        else:
+            results.append([slow, params, [outer.state[s]["momentum_buffer"] for s in slow]])
+    return results
+
+
+def _assert_all_equal(results, dtype) -> None:
+    for kind, got, want in zip(("slow", "fast", "momentum"), *results):
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.isfinite(b).all(), (kind, i)  # a trajectory worth comparing
+            same = torch.equal(a.detach(), b.detach())  # (not in the assert: keeps pytest's report short)
+            assert same, (kind, i, str(dtype), (a.detach().double() - b.detach().double()).abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_blocked_and_non_contiguous_tensors_equal_torch_sgd(dtype):
+    """The sync works on cache blocks (views) of large tensors; still exactly torch.optim.SGD.
+    (Not asked of bfloat16/float16 here: torch's own CPU kernels round a half-precision
+    ``add(alpha=...)`` differently in a vectorised body and a scalar tail, so their bits depend on
+    how a tensor is split, even without Lookahead.)"""
+    from lightning_lookahead.slow_weights import CPU_BLOCK
+
+    assert _Net(dtype).big.numel() > CPU_BLOCK and not _Net(dtype).tr.is_contiguous()
+    _assert_all_equal(_lookahead_vs_torch_sgd(lambda: _Net(dtype), dtype, 700), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_outer_momentum_equals_torch_sgd(dtype):
+    """bfloat16/float16 weights (e.g. precision="bf16-true"), tensors below the cache block: the buffer
+    must decay by mu itself, as torch.optim.SGD does (``buf.mul_(mu)`` computes in float32), not by
+    mu rounded to the weights' dtype (0.9 -> 0.8984375 in bfloat16)."""
+    _assert_all_equal(_lookahead_vs_torch_sgd(lambda: make_net(0).to(dtype), dtype, 6), dtype)
+
+
+def test_replaced_optimizers_keep_the_momentum_buffer():
+    """Optimizers re-created during fit (Lookahead.follow): slow weights and buffer carry over by name."""
+
+    class Recreate(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:  # after step 6: one sync (step 4) made a buffer
+                trainer.strategy.setup_optimizers(trainer)
+
+    with pytest.warns(UserWarning, match="optimizers were replaced"):
+        model, cb, _ = _fit("adam", epochs=2, k=4, mu=MU, callbacks=[Recreate()])
+    fast, slow, momentum = reference_outer("adam", 4, 0.5, MU, True, n_batches=12, new_inner_at=6)
+    assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), slow))
+    _assert_equal_lists(cb.lookahead.tensors()["fast"], fast, "fast")
+    _assert_equal_lists(cb.lookahead.tensors()["momentum"], momentum, "momentum")
 
 
 # --------------------------------------------------------------------------- 3. exact resume
@@ -495,9 +591,10 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_logs_relative_outer_step_at_sync_rows_only(tmp_path):
+@pytest.mark.parametrize("nesterov", [True, False], ids=["nesterov", "heavy-ball"])
+def test_logs_relative_outer_step_at_sync_rows_only(tmp_path, nesterov):
     model = RegressionModule("sgd")
-    cb = LookaheadCallback(k=3, alpha=0.5, outer_momentum=MU)
+    cb = LookaheadCallback(k=3, alpha=0.5, outer_momentum=MU, nesterov=nesterov)
     logger = CSVLogger(tmp_path, name="", version="")
     trainer(max_epochs=2, callbacks=[cb], logger=logger, log_every_n_steps=1).fit(model, loader())
     rows = _rows(tmp_path)
@@ -505,7 +602,7 @@ def test_logs_relative_outer_step_at_sync_rows_only(tmp_path):
     dist = {int(r["step"]): float(r["lookahead/rel_distance"]) for r in rows if r.get("lookahead/rel_distance")}
     assert sorted(outer) == sorted(dist) == [2, 5, 8, 11]  # after steps 3, 6, 9, 12 (Lightning logs step - 1)
     trace: list = []
-    reference_outer("sgd", 3, 0.5, MU, True, n_batches=12, trace=trace)
+    reference_outer("sgd", 3, 0.5, MU, nesterov, n_batches=12, trace=trace)
     assert [t["step"] - 1 for t in trace] == sorted(outer)
     for t in trace:
         phi, theta, phi_new = (_flat(t[key]) for key in ("phi", "theta", "phi_new"))
