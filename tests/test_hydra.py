@@ -88,3 +88,28 @@ def test_bad_override_raises_the_callbacks_value_error(make_cfg, override, messa
         train.build(make_cfg(override))
     assert type(excinfo.value) is ValueError  # not wrapped in hydra's InstantiationException
     assert excinfo.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("snoo", dict(k=28, alpha=0.68, outer_momentum=0.37)),
+        ("diloco_outer", dict(k=20, alpha=0.7, outer_momentum=0.9)),
+    ],
+)
+def test_outer_momentum_presets_compose_from_the_package_and_instantiate(make_cfg, name, expected):
+    """callbacks=snoo / callbacks=diloco_outer: packaged presets of the outer-momentum slow step, one
+    `lookahead` entry listing every option of the callback (as lookahead.yaml does), overridable as usual."""
+    import inspect
+
+    cfg = make_cfg(f"callbacks={name}")
+    assert list(cfg.callbacks) == ["lookahead"]  # the same entry name: one LookaheadCallback, same overrides
+    assert cfg.callbacks.lookahead == OmegaConf.load(PACKAGED / "callbacks" / f"{name}.yaml").lookahead
+    options = set(inspect.signature(LookaheadCallback).parameters)
+    assert set(cfg.callbacks.lookahead) - {"_target_"} == options
+    (la,) = _lookaheads(train.instantiate_group(cfg.callbacks))
+    assert (la.k, la.alpha, la.outer_momentum, la.nesterov) == (*expected.values(), True)
+    assert (la.inner_state, la.eval_weights, la.on_nonfinite) == ("keep", "slow", "warn")
+    heavy_ball = make_cfg(f"callbacks={name}", "callbacks.lookahead.nesterov=false")
+    (la,) = _lookaheads(train.instantiate_group(heavy_ball.callbacks))
+    assert la.nesterov is False and la.outer_momentum == expected["outer_momentum"]
