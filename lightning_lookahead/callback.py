@@ -361,9 +361,12 @@ class LookaheadCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict or self._stage != "fit":  # Lightning restores callbacks for validate/test too
             return
+        names = ["k", "alpha", "inner_state", "outer_momentum"]
+        if self.outer_momentum or state_dict.get("outer_momentum"):  # nesterov means nothing without momentum
+            names.append("nesterov")
         changed = {
-            name: state_dict[name]
-            for name in ("k", "alpha", "inner_state", "outer_momentum", "nesterov")
+            name: state_dict.get(name, _FIRST_RELEASE.get(name))
+            for name in names
             if state_dict.get(name, _FIRST_RELEASE.get(name)) != getattr(self, name)
         }
         if changed and not self.attached:  # a mid-fit restore (a tuner's rollback) is our own state

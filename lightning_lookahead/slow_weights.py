@@ -178,13 +178,16 @@ class SlowWeights:
         d_sq, phi_sq, step_sq = [], [], []
         for idx in self.buckets:
             theta, phi, buf = self._fast(idx), [self.stash[i] for i in idx], [self.momentum[i] for i in idx]
+            # In place, CPU foreach rounds a Python scalar to a half-precision list's dtype first
+            # (0.9 -> 0.8984375 in bfloat16); a float32 scalar tensor multiplies exactly like SGD.
+            decay = torch.tensor(mu, device=phi[0].device) if phi[0].dtype in _HALF else mu
             for t, p, b in _cache_blocks(theta, phi, buf):
                 s = torch._foreach_sub(p, t)  # the pseudo-gradient, in a block-sized temporary
                 if stats:
                     d_sq.append(_sq_norm(s))
                     phi_sq.append(_sq_norm(p))
                 # torch.optim.SGD's foreach momentum step, op for op (dampening 0)
-                torch._foreach_mul_(b, mu)
+                torch._foreach_mul_(b, decay)
                 torch._foreach_add_(b, s)
                 if nesterov:
                     torch._foreach_add_(s, b, alpha=mu)
@@ -279,6 +282,9 @@ def _cache_blocks(*lists: list[Tensor]):
         yield block
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _update(theta: list[Tensor], phi: list[Tensor], alpha: float) -> None:
     """``phi <- phi + alpha (theta - phi); theta <- phi`` for one block (the one update of every path)."""
     if alpha == 1.0:
@@ -293,7 +299,7 @@ def _sq_norm(tensors: list[Tensor]) -> Tensor:
 
     Half-precision norms accumulate and return in float32: a float16 norm overflows at 65504.
     """
-    low = tensors[0].dtype in (torch.float16, torch.bfloat16)
+    low = tensors[0].dtype in _HALF
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32) if low else torch._foreach_norm(tensors)
     return torch.stack(norms).float().square().sum()
 

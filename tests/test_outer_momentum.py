@@ -491,6 +491,14 @@ def test_checkpoint_with_other_outer_settings_warns_and_restarts_the_buffer(tmp_
         assert not torch.equal(_flat(slow), _flat(kept))
 
 
+def test_nesterov_flag_without_momentum_on_either_side_does_not_warn(tmp_path, recwarn):
+    """nesterov means nothing at outer_momentum=0: no 'saved with' warning, no buffer to reset."""
+    ck = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    _fit("sgd", epochs=1, k=4, mu=0.0, nesterov=False, callbacks=[ck], enable_checkpointing=True)
+    _fit("sgd", epochs=2, k=4, mu=0.0, nesterov=True, ckpt_path=tmp_path / "epoch=0.ckpt")
+    assert not [w for w in recwarn if "saved with" in str(w.message)]
+
+
 # --------------------------------------------------------------------------- 6. non-finite guard
 class PoisonGrad(RegressionModule):
     """An inf gradient right after backward on the given batches (as in test_steps_and_inputs)."""
