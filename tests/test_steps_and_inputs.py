@@ -317,32 +317,58 @@ def test_torch_compile(how):
         torch.testing.assert_close(p, s, atol=1e-5, rtol=0)
 
 
-def test_non_sync_steps_do_no_tensor_work():
-    """The step hook runs no tensor op (hence no kernel, no host sync) unless a sync is due."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _RecordOps:
+    """Every ATen op dispatched inside the block (metadata-only ops such as views included)."""
 
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
+        ops = self.ops = []
 
-    net = make_net()
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Record()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+_METADATA_OPS = ("view", "slice", "alias", "detach", "_to_copy", "lift_fresh")
+
+
+def _sync_kernels(n_tensors: int, k: int = 3) -> list[list[str]]:
+    """The compute ops (no views) of each of k step-hook calls on n_tensors small parameters."""
+    net = nn.ParameterList([nn.Parameter(torch.randn(7)) for _ in range(n_tensors)])
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    la = Lookahead(k=3, alpha=0.5)
+    la = Lookahead(k=k, alpha=0.5)
     la.attach([opt], net)
     (hook,) = opt._optimizer_step_post_hooks.values()
     recorded = []
-    for _ in range(3):
-        with Record() as rec:
+    for _ in range(k):
+        with _RecordOps() as rec:
             hook(opt, (), {})
-        recorded.append(rec.ops)
+        recorded.append([op for op in rec.ops if not any(m in op for m in _METADATA_OPS)])
+    return recorded
+
+
+def test_non_sync_steps_do_no_tensor_work():
+    """The step hook runs no tensor op (hence no kernel, no host sync) unless a sync is due."""
+    recorded = _sync_kernels(3)
     assert recorded[0] == [] and recorded[1] == []
-    assert any("_foreach" in op for op in recorded[2])  # the third step syncs, with foreach kernels
-    assert not any(op.startswith("aten.sub.Tensor") or op.startswith("aten.lerp") for op in recorded[2])
+    assert any("_foreach_copy" in op for op in recorded[2])  # the third step syncs
+
+
+def test_sync_kernels_do_not_grow_with_the_number_of_tensors():
+    """The flat layout: a sync launches the same kernels for 4 parameters as for 40 (one gather,
+    flat arithmetic, one foreach copy back), not one kernel per parameter and op."""
+    few, many = _sync_kernels(4)[2], _sync_kernels(40)[2]
+    assert few == many, (few, many)
+    assert any(op.startswith("aten.cat") for op in few) and sum(op.startswith("aten.lerp") for op in few) == 1
 
 
 def test_parameters_added_mid_run_get_slow_weights():
