@@ -271,3 +271,58 @@ def test_average_is_a_no_op_in_a_single_process():
     t = [torch.ones(3), torch.zeros(2, dtype=torch.float64)]
     assert local_sgd.average_(t) == 0
     assert torch.equal(t[0], torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- the core, without Lightning
+def _average_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)  # same initial weights on both ranks
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    model[2].double()  # a second dtype: two all-reduces per sync
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    la = local_sgd.LocalSGDLookahead(k=2, alpha=0.5)
+    la.attach([opt], model)
+    calls = []
+    original = dist.all_reduce
+    dist.all_reduce = lambda t, *a, **kw: (calls.append((str(t.dtype), t.numel())), original(t, *a, **kw))[1]
+    torch.manual_seed(1 + rank)  # each rank its own data
+    snapshots = []
+    for step in range(2):
+        x = torch.randn(16, 4)
+        opt.zero_grad()
+        model[2](model[1](model[0](x)).double()).square().mean().backward()
+        if step == 1:  # just before the sync: this rank's own weights and statistics
+            snapshots.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+        opt.step()  # the second step syncs
+    snapshots.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+    snapshots.append({"slow": {n: t.clone() for n, t in la.tensors()["slow"].items()}, "calls": calls,
+                      "bytes": la.allreduce_bytes})  # fmt: skip
+    dist.all_reduce = original
+    torch.save(snapshots, f"{out}/avg_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sync_averages_weights_and_batchnorm_statistics_in_one_all_reduce_per_dtype(tmp_path):
+    """Pure PyTorch, 2 processes: the BatchNorm running statistics are averaged too (integer
+    num_batches_tracked is not), in one all-reduce per dtype (float32, float64)."""
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    mp.start_processes(_average_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    (pre0, post0, info0), (pre1, post1, info1) = (torch.load(tmp_path / f"avg_rank{r}.pt") for r in (0, 1))
+    assert info0["calls"] == info1["calls"] == [("torch.float32", 8 * 4 + 8 + 8 + 8 + 8 + 8), ("torch.float64", 18)]
+    assert info0["bytes"] == 72 * 4 + 18 * 8
+    assert not torch.equal(pre0["1.running_mean"], pre1["1.running_mean"])  # the ranks saw different data
+    for name in ("1.running_mean", "1.running_var"):
+        torch.testing.assert_close(post0[name], (pre0[name] + pre1[name]) / 2, atol=0, rtol=0)
+        assert torch.equal(post0[name], post1[name])
+    assert post0["1.num_batches_tracked"] == post1["1.num_batches_tracked"] == 2
+    for name in post0:  # weights and buffers identical on both ranks after the sync
+        assert torch.equal(post0[name], post1[name]), name
+    for name, slow in info0["slow"].items():
+        assert torch.equal(slow, info1["slow"][name])
