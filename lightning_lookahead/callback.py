@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_lookahead import distributed, inner_state
+from lightning_lookahead import distributed, inner_state, local_sgd
 from lightning_lookahead.inner_state import InnerState
 from lightning_lookahead.lookahead import Lookahead, OnNonFinite, check_bool, check_choice, check_optional_int
 
@@ -68,6 +68,14 @@ class LookaheadCallback(Callback):
             the distance costs two extra passes over the parameters per sync, so it is only
             measured when the Trainer has a logger; ``False`` (or no logger) takes the lean sync
             path (about 40% less memory traffic per sync).
+        local_sgd: under DDP with several processes, local SGD: each rank trains its own fast weights
+            on its own data with DDP's gradient all-reduce and buffer broadcast turned off, and every
+            sync first averages the fast weights and floating buffers over the ranks (one all-reduce
+            per dtype), then takes the slow step (plain Lookahead, or the outer momentum step:
+            SlowMo / DiLoCo). Logs ``lookahead/allreduce_bytes_per_step``. A single process: plain
+            Lookahead with a warning. FSDP2, static-graph DDP, DDP comm hooks and GradScaler are
+            refused at setup. Checkpoints carry every rank's fast weights and optimizer state, so
+            resuming with the same number of ranks continues exactly.
 
     Example::
 
@@ -90,8 +98,11 @@ class LookaheadCallback(Callback):
         log_stats: bool = True,
         outer_momentum: float = 0.0,
         nesterov: bool = True,
+        local_sgd: bool = False,
     ) -> None:
         self.log_stats = check_bool("log_stats", log_stats)
+        self.local_sgd = check_bool("local_sgd", local_sgd)
+        self._local_active = False  # local_sgd and a multi-process DDP fit (decided at setup)
         self.lookahead = Lookahead(k, alpha, inner_state, on_nonfinite, log_stats, outer_momentum, nesterov)  # validates
         self.k, self.alpha = self.lookahead.k, self.lookahead.alpha
         self.outer_momentum, self.nesterov = self.lookahead.outer_momentum, self.lookahead.nesterov
@@ -110,7 +121,8 @@ class LookaheadCallback(Callback):
         self._batches = 0  # training batches this fit, identical on every rank (the rank-check clock)
 
     def _new_core(self) -> Lookahead:
-        return Lookahead(
+        core = local_sgd.LocalSGDLookahead if self._local_active else Lookahead
+        return core(
             self.k, self.alpha, self.inner_state, self.on_nonfinite, self.log_stats, self.outer_momentum, self.nesterov
         )
 
@@ -130,6 +142,11 @@ class LookaheadCallback(Callback):
             raise ValueError("Only one LookaheadCallback can be used per Trainer.")
         check_strategy(trainer)
         check_callbacks(trainer)
+        if self.local_sgd:
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            self._local_active = local_sgd.check_strategy(trainer.strategy, trainer.world_size, scaler)
+            if not self._local_active:
+                self._warn_once("local_sgd", "Lookahead: local_sgd=True in a single process is plain Lookahead.")
         self._stage = stage
         if stage != "fit":
             return
@@ -152,6 +169,8 @@ class LookaheadCallback(Callback):
         else:
             claim = self._pending["fast"].keys() if self._pending is not None else None
         # phi := the current weights (a checkpoint's slow weights after a restore)
+        if self._local_active:
+            local_sgd.check_ddp_module(trainer.strategy.model)
         self.lookahead.attach(trainer.optimizers, pl_module, claim)
         self.lookahead.gate = _Listed(self, trainer)
         # the distance costs extra passes per sync: measure it only if someone will see it. With
@@ -166,7 +185,12 @@ class LookaheadCallback(Callback):
         if pending is not None:
             if "sharded_path" in pending:
                 pending = self._load_sharded(pending["sharded_path"])
+            mine = local_sgd.rank_state(pending.get(local_sgd.PER_RANK_KEY)) if self._local_active else None
+            if mine is not None:  # local SGD: this rank's own fast weights and moments, not rank 0's
+                pending = {**pending, "fast": mine["fast"], "slow_moments": mine["slow_moments"]}
             self.lookahead.load_tensors(pending)
+            if mine is not None:
+                local_sgd.load_optimizer_states(trainer.optimizers, mine["optimizers"])
         if state is not None:
             self.lookahead.load_state_dict(state)
         self._logged_syncs = self.lookahead.syncs + self.lookahead.skipped  # log only syncs from here on
@@ -211,6 +235,8 @@ class LookaheadCallback(Callback):
             self.lookahead.use_fast()
             self._eval_swapped = False
         self._catch_up(trainer, pl_module)
+        if self._local_active:  # before every forward: Lightning turns it back on under manual optimisation
+            local_sgd.disable_ddp_sync(trainer.strategy.model)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -269,6 +295,8 @@ class LookaheadCallback(Callback):
             metrics[f"lookahead/rel_distance{suffix}"] = float(rel)  # host read: log steps only
             if step is not None:
                 metrics[f"lookahead/rel_outer_step{suffix}"] = float(step)
+        if isinstance(la, local_sgd.LocalSGDLookahead):
+            metrics.update(la.comm_metrics())
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -435,11 +463,17 @@ class LookaheadCallback(Callback):
             checkpoint[CHECKPOINT_KEY] = {"layout": "sharded"}
         elif keep:
             checkpoint[CHECKPOINT_KEY] = {"fast": fast, "slow_moments": moments, "momentum": momentum}
+        if self._local_active:  # every rank's own fast weights and optimizer state (a collective)
+            per_rank = local_sgd.gather_rank_states(self.lookahead, trainer.optimizers)
+            if per_rank is not None:
+                checkpoint[CHECKPOINT_KEY][local_sgd.PER_RANK_KEY] = per_rank
 
     def _save_unattached(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
         if self._pending is not None and "fast" in self._pending:
             # restored from a checkpoint whose training loop never ran (a finished run): pass it on
             checkpoint[CHECKPOINT_KEY] = {k: self._pending[k] for k in ("fast", "slow_moments", "momentum")}
+            if self._pending.get(local_sgd.PER_RANK_KEY):
+                checkpoint[CHECKPOINT_KEY][local_sgd.PER_RANK_KEY] = self._pending[local_sgd.PER_RANK_KEY]
         elif self._stage == "fit":
             # before this fit's first training step (a tuner saving its rollback point): resuming
             # from here starts Lookahead afresh, which is what this marker says
@@ -473,6 +507,7 @@ class LookaheadCallback(Callback):
             self._pending = {"sharded_path": str(trainer.ckpt_path)}
         else:
             self._pending = {k: entry.get(k, {}) for k in ("fast", "slow_moments", "momentum")}
+            self._pending[local_sgd.PER_RANK_KEY] = entry.get(local_sgd.PER_RANK_KEY)
 
     def _load_sharded(self, path: str) -> dict[str, Any]:
         """Read our shards from a distributed checkpoint directory (every rank reads its own)."""

@@ -69,6 +69,8 @@ class Module(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if self.opt == "adam":
             return torch.optim.Adam(params, lr=0.02)
+        if self.opt == "sgd0":  # stateless: local SGD at k=1, alpha=1 equals DDP
+            return torch.optim.SGD(params, lr=0.1)
         return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
 
@@ -101,6 +103,59 @@ class Perturb(Callback):
             with torch.no_grad():
                 slow = self.cb.lookahead.groups[0].stash
                 slow[-1].add_(1e-3)  # the last parameter: net.2.bias
+
+
+class CommCounter(Callback):
+    """Counts communication per optimizer step: DDP's gradient all-reduces (a comm hook that does
+    DDP's default all-reduce and counts its buckets) and every Python-level
+    ``torch.distributed.all_reduce`` (shape and dtype), keyed by ``trainer.global_step`` at the
+    call (inside the optimizer step hook it is the number of completed steps); snapshots the fast
+    weights after every sync. Written to ``OUT/comm_rank{r}.pt``."""
+
+    def __init__(self, cb: LookaheadCallback, out: str) -> None:
+        self.cb, self.out = cb, out
+        self.grad_buckets: dict[int, int] = {}
+        self.all_reduces: list[tuple[int, str, int]] = []
+        self.after_sync: list[dict[str, torch.Tensor]] = []
+        self._syncs = 0
+
+    def setup(self, trainer, pl_module, stage):
+        import torch.distributed as dist
+
+        if stage != "fit" or getattr(dist.all_reduce, "_counted", False):
+            return
+        original = dist.all_reduce
+
+        def counted(tensor, *args, **kwargs):
+            self.all_reduces.append((trainer.global_step, str(tensor.dtype), tensor.numel()))
+            return original(tensor, *args, **kwargs)
+
+        counted._counted = True
+        dist.all_reduce = counted
+
+    def on_train_start(self, trainer, pl_module):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def hook(state, bucket):
+            step = trainer.global_step
+            self.grad_buckets[step] = self.grad_buckets.get(step, 0) + 1
+            return allreduce_hook(None, bucket)
+
+        trainer.strategy.model.register_comm_hook(None, hook)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.cb.lookahead.syncs != self._syncs:
+            self._syncs = self.cb.lookahead.syncs
+            fast = self.cb.lookahead.tensors()["fast"]
+            self.after_sync.append({n: t.detach().clone() for n, t in fast.items()})
+
+    def teardown(self, trainer, pl_module, stage):
+        if stage != "fit":
+            return
+        torch.save(
+            {"grad_buckets": self.grad_buckets, "all_reduces": self.all_reduces, "after_sync": self.after_sync},
+            os.path.join(self.out, f"comm_rank{trainer.global_rank}.pt"),
+        )
 
 
 def _loader(data, rank: int | None) -> torch.utils.data.DataLoader:
@@ -146,6 +201,10 @@ def main() -> None:
     ap.add_argument("--poison-rank", type=int, default=None, help="inf gradient on this rank at step 4")
     ap.add_argument("--full-ckpt", action="store_true", help="FSDP2: single-file (full) checkpoints")
     ap.add_argument("--outer-momentum", type=float, default=0.0)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--local-sgd", action="store_true", help="LookaheadCallback(local_sgd=True)")
+    ap.add_argument("--count-comm", action="store_true", help="count all-reduces per step (OUT/comm_rank{r}.pt)")
     ap.add_argument("--freeze-first", action="store_true", help="net.0 frozen and not optimised")
     ap.add_argument("--skip-step-rank", type=int, default=None, help="manual optimisation; this rank skips a step")
     ap.add_argument("--save-main", default=None, help="after fit, trainer.save_checkpoint here in the launching process")
@@ -162,9 +221,16 @@ def main() -> None:
     else:
         strategy = args.strategy
     cb = LookaheadCallback(
-        k=4, alpha=0.5, inner_state=args.inner, check_ranks_every=args.check_every, outer_momentum=args.outer_momentum
+        k=args.k,
+        alpha=args.alpha,
+        inner_state=args.inner,
+        check_ranks_every=args.check_every,
+        outer_momentum=args.outer_momentum,
+        local_sgd=args.local_sgd,
     )
     callbacks: list[Callback] = [cb, Dump(cb, args.out)]
+    if args.count_comm:
+        callbacks.append(CommCounter(cb, args.out))
     if args.perturb_rank is not None:
         callbacks.append(Perturb(cb, args.perturb_rank))
     if args.ckpt_dir:

@@ -1,0 +1,328 @@
+"""Local SGD (LookaheadCallback(local_sgd=True)): real 2-process runs (gloo on CPU) against an
+independent simulation, against ordinary DDP, with communication counted per step.
+
+Six 2-process runs in all, shared between tests by module-scoped fixtures. The worker is
+tests/dist/worker.py (rank r trains on samples r, r+2, ...: 24 samples, 3 batches of 8 per epoch).
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_data, make_net
+from test_distributed import NAMES, load, run_worker
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_lookahead import local_sgd
+
+pytestmark = pytest.mark.slow
+N_PARAMS = sum(p.numel() for p in make_net().parameters())  # 146 float32 values, no buffers
+
+
+# ----------------------------------------------------------------------------- the simulation
+def simulate(opt: str, k: int, alpha: float, mu: float, n_steps: int, world: int = 2):
+    """Local SGD + outer step written out plainly: ``world`` model copies in one process, each with
+    its own optimizer and its DistributedSampler shard; every k steps average the copies, take the
+    outer step on phi (Lookahead, or SGD with Nesterov momentum mu on phi - mean theta), and set
+    every copy to phi. Returns (fast weights of each copy, phi) by parameter name."""
+    nets = [make_net(0) for _ in range(world)]
+    opts = []
+    for net in nets:
+        if opt == "adam":
+            opts.append(torch.optim.Adam(net.parameters(), lr=0.02))
+        elif opt == "sgd":
+            opts.append(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+        else:
+            opts.append(torch.optim.SGD(net.parameters(), lr=0.1))
+    data = make_data(0)
+    shards = [list(DataLoader(data, batch_size=8, sampler=DistributedSampler(data, world, r, shuffle=False))) for r in range(world)]
+    phi = [p.detach().clone() for p in nets[0].parameters()]
+    buf = [torch.zeros_like(p) for p in phi]
+    for step in range(n_steps):
+        for net, o, shard in zip(nets, opts, shards):
+            x, y = shard[step % len(shard)]
+            o.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            o.step()
+        if (step + 1) % k:
+            continue
+        with torch.no_grad():
+            for i, ps in enumerate(zip(*(net.parameters() for net in nets))):
+                mean = sum(ps[1:], ps[0].clone()) / world  # (theta_0 + theta_1) / 2
+                if mu == 0:
+                    phi[i] += alpha * (mean - phi[i])
+                else:
+                    s = phi[i] - mean  # the pseudo-gradient
+                    buf[i] = mu * buf[i] + s
+                    phi[i] -= alpha * (s + mu * buf[i])  # Nesterov
+                for p in ps:
+                    p.copy_(phi[i])
+    fast = [{n: p.detach().clone() for n, p in zip(NAMES, net.parameters())} for net in nets]
+    return fast, dict(zip(NAMES, phi))
+
+
+def assert_matches_simulation(out: Path, opt: str, k: int, alpha: float, mu: float, n_steps: int) -> None:
+    fast, slow = simulate(opt, k, alpha, mu, n_steps)
+    for rank in (0, 1):
+        fit = load(out, "fit", rank)
+        for n in NAMES:
+            # tolerance 1e-6: the same float32 ops in the same order, but in two processes and
+            # through Lightning; Lookahead uses lerp_ where this writes phi + alpha (mean - phi)
+            # (measured: max difference 6e-8)
+            torch.testing.assert_close(fit["fast"][n], fast[rank][n], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(fit["slow"][n], slow[n], atol=1e-6, rtol=1e-6)
+
+
+def comm(out: Path, rank: int) -> dict:
+    return torch.load(out / f"comm_rank{rank}.pt", weights_only=False)
+
+
+# ----------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def sgd_runs(tmp_path_factory):
+    """SGD(momentum 0.9) + plain Lookahead (alpha 0.5), k=4, 12 steps (syncs after 4, 8, 12), and
+    its resume from the epoch-0 checkpoint (step 3: mid-round, fast weights differ per rank)."""
+    root = tmp_path_factory.mktemp("local_sgd_sgd")
+    common = ("--strategy", "ddp", "--local-sgd", "--opt", "sgd", "--k", "4", "--alpha", "0.5", "--epochs", "4")
+    run_worker(root / "full", *common, "--ckpt-dir", str(root / "ck"), "--csv", "--count-comm", "--check-every", "1", "--no-validate")
+    run_worker(root / "resumed", *common, "--ckpt", str(root / "ck" / "epoch=0.ckpt"), "--no-validate")
+    return root
+
+
+@pytest.fixture(scope="module")
+def diloco_runs(tmp_path_factory):
+    """Adam + the DiLoCo outer step (alpha 0.7, Nesterov mu 0.9), k=3, 9 steps, under ddp_spawn;
+    resumed (under ddp) from the epoch-0 checkpoint, at step 3: a sync boundary."""
+    root = tmp_path_factory.mktemp("local_sgd_diloco")
+    common = ("--local-sgd", "--opt", "adam", "--k", "3", "--alpha", "0.7", "--outer-momentum", "0.9", "--epochs", "3")
+    run_worker(root / "full", "--strategy", "ddp_spawn", *common, "--ckpt-dir", str(root / "ck"), "--count-comm", "--no-validate")
+    run_worker(root / "resumed", "--strategy", "ddp", *common, "--ckpt", str(root / "ck" / "epoch=0.ckpt"), "--no-validate")
+    return root
+
+
+@pytest.fixture(scope="module")
+def k1_runs(tmp_path_factory):
+    """Stateless SGD, k=1, alpha=1: local SGD and ordinary DDP (with Lookahead at k=1, alpha=1,
+    which is plain training), both with the communication counter."""
+    root = tmp_path_factory.mktemp("local_sgd_k1")
+    common = ("--strategy", "ddp", "--opt", "sgd0", "--k", "1", "--alpha", "1", "--epochs", "2", "--count-comm", "--no-validate")
+    run_worker(root / "local", *common, "--local-sgd")
+    run_worker(root / "ddp", *common)
+    return root
+
+
+# ----------------------------------------------------------------------------- equivalences
+def test_sgd_plain_lookahead_equals_simulation(sgd_runs):
+    fit = load(sgd_runs / "full", "fit", 0)
+    assert fit["steps"] == [12] and fit["syncs"] == 3
+    assert_matches_simulation(sgd_runs / "full", "sgd", k=4, alpha=0.5, mu=0.0, n_steps=12)
+
+
+def test_adam_diloco_outer_step_equals_simulation(diloco_runs):
+    fit = load(diloco_runs / "full", "fit", 0)
+    assert fit["steps"] == [9] and fit["syncs"] == 3 and fit["momentum"]
+    assert_matches_simulation(diloco_runs / "full", "adam", k=3, alpha=0.7, mu=0.9, n_steps=9)
+
+
+def test_k1_alpha1_local_sgd_equals_ordinary_ddp(k1_runs):
+    """Averaging the weights after one SGD step from identical weights is averaging the gradients."""
+    for rank in (0, 1):
+        local, ddp = load(k1_runs / "local", "fit", rank), load(k1_runs / "ddp", "fit", rank)
+        assert local["steps"] == ddp["steps"] == [6]
+        for n in NAMES:
+            # tolerance 1e-6: mean(theta - lr g_r) vs theta - lr mean(g_r), float32 rounding only
+            torch.testing.assert_close(local["fast"][n], ddp["fast"][n], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(local["slow"][n], ddp["slow"][n], atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- communication
+def test_no_gradient_all_reduce_and_one_weight_all_reduce_per_sync(sgd_runs, diloco_runs, k1_runs):
+    # the counter works: ordinary DDP all-reduces gradients at every one of its 6 steps
+    assert sorted(comm(k1_runs / "ddp", 0)["grad_buckets"]) == list(range(6))
+    for out, k, steps in ((sgd_runs / "full", 4, 12), (diloco_runs / "full", 3, 9), (k1_runs / "local", 1, 6)):
+        for rank in (0, 1):
+            c = comm(out, rank)
+            assert c["grad_buckets"] == {}, (out, rank)  # not one gradient all-reduce, sync steps included
+            # the weight averages: one float32 all-reduce of all 146 parameters, at sync steps only
+            # (global_step inside the step hook = completed steps = step - 1); the rank check's
+            # float64 checksums and validation's 1-element logging are the other all-reduces
+            weights = [step for step, dtype, n in c["all_reduces"] if dtype == "torch.float32" and n == N_PARAMS]
+            assert weights == [s - 1 for s in range(k, steps + 1, k)], (out, rank, c["all_reduces"])
+
+
+def test_bytes_per_step_are_logged(sgd_runs):
+    rows = [r for r in csv.DictReader(open(sgd_runs / "full" / "metrics.csv")) if r.get("lookahead/allreduce_bytes")]
+    assert [(int(r["step"]), float(r["lookahead/allreduce_bytes"])) for r in rows] == [(3, 584.0), (7, 1168.0), (11, 1752.0)]
+    # 146 float32 = 584 bytes every k=4 steps: 146 bytes per step, DDP's gradient all-reduce moves 584
+    assert {float(r["lookahead/allreduce_bytes_per_step"]) for r in rows} == {146.0}
+
+
+# ----------------------------------------------------------------------------- replication
+@pytest.mark.parametrize("runs", ["sgd_runs", "diloco_runs"])
+def test_ranks_identical_after_every_sync_and_slow_weights_always(runs, request):
+    out = request.getfixturevalue(runs) / "full"
+    a, b = comm(out, 0)["after_sync"], comm(out, 1)["after_sync"]
+    assert len(a) == len(b) == 3
+    for snap_a, snap_b in zip(a, b):
+        for n in NAMES:
+            assert torch.equal(snap_a[n], snap_b[n]), n
+    r0, r1 = load(out, "fit", 0), load(out, "fit", 1)
+    for n in NAMES:
+        assert torch.equal(r0["slow"][n], r1["slow"][n])
+
+
+def test_fast_weights_differ_between_syncs(sgd_runs):
+    """The epoch-0 checkpoint (step 3, mid-round) holds both ranks' own fast weights, and they differ."""
+    ckpt = torch.load(sgd_runs / "ck" / "epoch=0.ckpt", weights_only=True)
+    per_rank = ckpt["lookahead"]["per_rank"]
+    assert len(per_rank) == 2
+    assert not torch.equal(per_rank[0]["fast"]["net.0.weight"], per_rank[1]["fast"]["net.0.weight"])
+    assert torch.equal(per_rank[0]["fast"]["net.0.weight"], ckpt["lookahead"]["fast"]["net.0.weight"])
+    m0 = per_rank[0]["optimizers"][0]["state"][0]["momentum_buffer"]
+    m1 = per_rank[1]["optimizers"][0]["state"][0]["momentum_buffer"]
+    assert not torch.equal(m0, m1)  # the inner optimizer state is per rank too
+
+
+# ----------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("runs", ["sgd_runs", "diloco_runs"])
+def test_resume_is_bit_identical_mid_round_and_at_a_sync_boundary(runs, request):
+    root = request.getfixturevalue(runs)
+    for rank in (0, 1):
+        full, resumed = load(root / "full", "fit", rank), load(root / "resumed", "fit", rank)
+        assert resumed["steps"] == full["steps"] and resumed["syncs"] == full["syncs"]
+        for kind in ("slow", "fast", "momentum"):
+            for n in full[kind]:
+                assert torch.equal(full[kind][n], resumed[kind][n]), (rank, kind, n)
+
+
+# ----------------------------------------------------------------------------- refusals
+class _Trainer:
+    def __init__(self, strategy, world_size=2, scaler=None, callbacks=()):
+        self.strategy, self.world_size, self.callbacks = strategy, world_size, list(callbacks)
+        self.precision_plugin = type("P", (), {"scaler": scaler})()
+        self.checkpoint_callbacks = []
+
+
+def _setup(cb, strategy, **kw):
+    cb.setup(_Trainer(strategy, callbacks=[cb], **kw), None, "fit")
+
+
+def test_fsdp2_is_refused_at_setup():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_lookahead import LookaheadCallback
+
+    with pytest.raises(ValueError, match="does not support ModelParallelStrategy.*shards"):
+        _setup(LookaheadCallback(local_sgd=True), ModelParallelStrategy.__new__(ModelParallelStrategy))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(static_graph=True), "static_graph"),
+        (dict(ddp_comm_hook=lambda state, bucket: None), "communication hook.*ddp_comm_hook"),
+        (dict(model_averaging_period=4), "model_averaging_period"),
+    ],
+)
+def test_ddp_static_graph_and_comm_hooks_are_refused(kwargs, match):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    with pytest.raises(ValueError, match=match):
+        local_sgd.check_strategy(DDPStrategy(**kwargs), world=2)
+
+
+def test_grad_scaler_and_other_strategies_are_refused():
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    with pytest.raises(ValueError, match="GradScaler"):
+        local_sgd.check_strategy(DDPStrategy(), world=2, scaler=object())
+    with pytest.raises(ValueError, match="supports DDPStrategy"):
+        local_sgd.check_strategy(SingleDeviceStrategy.__new__(SingleDeviceStrategy), world=2)
+    assert local_sgd.check_strategy(DDPStrategy(), world=2) is True
+
+
+def test_single_process_is_plain_lookahead_with_one_warning():
+    from conftest import RegressionModule, loader, trainer
+
+    from lightning_lookahead import LookaheadCallback
+
+    def fit(local: bool):
+        model = RegressionModule("sgd")
+        cb = LookaheadCallback(k=3, alpha=0.5, local_sgd=local)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_epochs=1, callbacks=[cb]).fit(model, loader())
+        return [p.detach() for p in model.parameters()], [str(w.message) for w in caught], cb
+
+    plain, _, _ = fit(False)
+    local, messages, cb = fit(True)
+    assert sum("local_sgd=True in a single process is plain Lookahead" in m for m in messages) == 1
+    assert not isinstance(cb.lookahead, local_sgd.LocalSGDLookahead)
+    for a, b in zip(plain, local):
+        assert torch.equal(a, b)
+
+
+def test_average_is_a_no_op_in_a_single_process():
+    t = [torch.ones(3), torch.zeros(2, dtype=torch.float64)]
+    assert local_sgd.average_(t) == 0
+    assert torch.equal(t[0], torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- the core, without Lightning
+def _average_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)  # same initial weights on both ranks
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    model[2].double()  # a second dtype: two all-reduces per sync
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    la = local_sgd.LocalSGDLookahead(k=2, alpha=0.5)
+    la.attach([opt], model)
+    calls = []
+    original = dist.all_reduce
+    dist.all_reduce = lambda t, *a, **kw: (calls.append((str(t.dtype), t.numel())), original(t, *a, **kw))[1]
+    torch.manual_seed(1 + rank)  # each rank its own data
+    snapshots = []
+    for step in range(2):
+        x = torch.randn(16, 4)
+        opt.zero_grad()
+        model[2](model[1](model[0](x)).double()).square().mean().backward()
+        if step == 1:  # just before the sync: this rank's own weights and statistics
+            snapshots.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+        opt.step()  # the second step syncs
+    snapshots.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+    snapshots.append({"slow": {n: t.clone() for n, t in la.tensors()["slow"].items()}, "calls": calls,
+                      "bytes": la.allreduce_bytes})  # fmt: skip
+    dist.all_reduce = original
+    torch.save(snapshots, f"{out}/avg_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sync_averages_weights_and_batchnorm_statistics_in_one_all_reduce_per_dtype(tmp_path):
+    """Pure PyTorch, 2 processes: the BatchNorm running statistics are averaged too (integer
+    num_batches_tracked is not), in one all-reduce per dtype (float32, float64)."""
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    mp.start_processes(_average_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    (pre0, post0, info0), (pre1, post1, info1) = (torch.load(tmp_path / f"avg_rank{r}.pt") for r in (0, 1))
+    assert info0["calls"] == info1["calls"] == [("torch.float32", 8 * 4 + 8 + 8 + 8 + 8 + 8), ("torch.float64", 18)]
+    assert info0["bytes"] == 72 * 4 + 18 * 8
+    assert not torch.equal(pre0["1.running_mean"], pre1["1.running_mean"])  # the ranks saw different data
+    for name in ("1.running_mean", "1.running_var"):
+        torch.testing.assert_close(post0[name], (pre0[name] + pre1[name]) / 2, atol=0, rtol=0)
+        assert torch.equal(post0[name], post1[name])
+    assert post0["1.num_batches_tracked"] == post1["1.num_batches_tracked"] == 2
+    for name in post0:  # weights and buffers identical on both ranks after the sync
+        assert torch.equal(post0[name], post1[name]), name
+    for name, slow in info0["slow"].items():
+        assert torch.equal(slow, info1["slow"][name])
