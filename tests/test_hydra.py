@@ -90,6 +90,17 @@ def test_bad_override_raises_the_callbacks_value_error(make_cfg, override, messa
     assert excinfo.value.__suppress_context__
 
 
+def test_default_config_lists_every_option_at_its_default(make_cfg):
+    """lookahead.yaml promises every option of the callback at its default: a new argument must appear there."""
+    import inspect
+
+    cfg = make_cfg()
+    params = inspect.signature(LookaheadCallback).parameters
+    entry = OmegaConf.to_container(cfg.callbacks.lookahead)
+    assert set(entry) - {"_target_"} == set(params)
+    assert {name: entry[name] for name in params} == {name: p.default for name, p in params.items()}
+
+
 @pytest.mark.parametrize(
     "name, expected",
     [
