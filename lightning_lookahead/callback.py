@@ -168,7 +168,7 @@ class LookaheadCallback(Callback):
                 pending = self._load_sharded(pending["sharded_path"])
             self.lookahead.load_tensors(pending)
         if state is not None:
-            self.lookahead.load_state_dict(state)
+            self.lookahead._load_counters(state)
         self._logged_syncs = self.lookahead.syncs + self.lookahead.skipped  # log only syncs from here on
 
     def _catch_up(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -355,7 +355,7 @@ class LookaheadCallback(Callback):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         if self.attached:
-            return self.lookahead.state_dict()
+            return self.lookahead._counters()
         return dict(self._pending_state or {})  # restored but not attached yet: keep it in new checkpoints
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

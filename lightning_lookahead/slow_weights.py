@@ -235,6 +235,16 @@ class SlowWeights:
             local(self.params[i]).copy_(local_from_saved(self.params[i], fast[name]))
 
     @torch.no_grad()
+    def load_slow(self, slow: dict[str, Tensor]) -> None:
+        """Overwrite phi from a name -> tensor map, like :meth:`load_fast` (phi keeps its own layout)."""
+        assert not self.swapped
+        missing = [n for n in self.names if n not in slow]
+        if missing:
+            raise KeyError(f"Lookahead state lacks slow weights for parameters {missing[:5]}")
+        for i, name in enumerate(self.names):
+            self.stash[i].copy_(local_from_saved(self.params[i], slow[name]))
+
+    @torch.no_grad()
     def load_momentum(self, momentum: dict[str, Tensor]) -> None:
         """Outer momentum buffers from a name -> tensor map (a missing name: zeros; an empty map:
         no buffers yet, as before the first sync)."""
