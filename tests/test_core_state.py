@@ -4,6 +4,10 @@ module held when it was saved, whichever state is loaded first, wrapped or bare 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -59,7 +63,8 @@ def uninterrupted(variant: str) -> tuple[nn.Module, Lookahead]:
 def test_uninterrupted_run_is_lookahead(variant):
     """The reference the resume tests compare against is Lookahead (conftest's plain Algorithm 1)."""
     net, la = uninterrupted(variant)
-    fast, slow = reference_lookahead(VARIANTS[variant][0], K, 0.5, TOTAL, inner_state=VARIANTS[variant][1].get("inner_state", "keep"))
+    opt_name, kwargs = VARIANTS[variant]
+    fast, slow = reference_lookahead(opt_name, K, 0.5, TOTAL, inner_state=kwargs.get("inner_state", "keep"))
     assert la.syncs == TOTAL // K
     for p, f, s, mine in zip(net.parameters(), fast, slow, la.tensors()["slow"].values()):
         torch.testing.assert_close(p.detach(), f, atol=1e-6, rtol=0)
@@ -78,7 +83,8 @@ def test_plain_loop_resumes_bit_identically(tmp_path, variant, saved_holding, or
         step(net, opt, b)
     if saved_holding == "slow":
         la.use_slow()  # e.g. saving after an evaluation on the slow weights
-    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "lookahead": la.state_dict()}, tmp_path / "c.pt")
+    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "lookahead": la.state_dict()}
+    torch.save(state, tmp_path / "c.pt")
     del net, opt, la  # the run ends here
 
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
@@ -235,7 +241,7 @@ def _attached(net: nn.Module, n_optimizers: int = 1) -> Lookahead:
 @pytest.mark.parametrize(
     ("source", "target", "error"),
     [
-        (lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2), nn.Linear(2, 2)), make_net, "module lacks"),
+        (lambda: nn.Sequential(*make_net(), nn.Linear(2, 2)), make_net, "module lacks"),
         (lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)), make_net, "shape"),
     ],
     ids=["missing_names", "other_shapes"],
@@ -277,3 +283,15 @@ def test_counters_only_state_of_0_1_0_still_loads():
     with pytest.warns(DeprecationWarning, match="counters-only"):
         la.load_state_dict(old)
     assert (la.steps, la.syncs) == ([5], 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["plain_train.py", "fabric_train.py"])
+def test_example_resumes_bit_identically(script):
+    """The examples stop mid k-cycle, resume from the file and compare (about 20 s each)."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, f"examples/{script}"], cwd=root, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1].endswith("bit for bit: True")
