@@ -68,6 +68,12 @@ class LookaheadCallback(Callback):
             the distance costs two extra passes over the parameters per sync, so it is only
             measured when the Trainer has a logger; ``False`` (or no logger) takes the lean sync
             path (about 40% less memory traffic per sync).
+        prog_bar: also show these values in the progress bar. Either way they are in
+            ``trainer.callback_metrics`` (``lookahead/syncs`` from the first training batch on, the
+            rest from the first sync), updated with the logger rows, so ``EarlyStopping`` or
+            ``ModelCheckpoint`` can monitor them: ``lookahead/syncs`` is the current sync count,
+            ``lookahead/rel_distance`` the latest sync's distance (measured when the Trainer has a
+            logger or ``prog_bar=True``).
 
     Example::
 
@@ -90,8 +96,10 @@ class LookaheadCallback(Callback):
         log_stats: bool = True,
         outer_momentum: float = 0.0,
         nesterov: bool = True,
+        prog_bar: bool = False,
     ) -> None:
         self.log_stats = check_bool("log_stats", log_stats)
+        self.prog_bar = check_bool("prog_bar", prog_bar)
         self.lookahead = Lookahead(k, alpha, inner_state, on_nonfinite, log_stats, outer_momentum, nesterov)  # validates
         self.k, self.alpha = self.lookahead.k, self.lookahead.alpha
         self.outer_momentum, self.nesterov = self.lookahead.outer_momentum, self.lookahead.nesterov
@@ -107,6 +115,7 @@ class LookaheadCallback(Callback):
         self._pending_state: dict[str, Any] | None = None  # checkpoint counters, likewise
         self._eval_swapped = False  # we swapped the slow weights in for an evaluation loop
         self._logged_syncs = 0  # lookahead.syncs + skipped at the last logger row (or at attach)
+        self._published = False  # lookahead/syncs is in trainer.callback_metrics since the last attach
         self._batches = 0  # training batches this fit, identical on every rank (the rank-check clock)
 
     def _new_core(self) -> Lookahead:
@@ -157,7 +166,7 @@ class LookaheadCallback(Callback):
         # the distance costs extra passes per sync: measure it only if someone will see it. With
         # shards it needs a collective, so there it must not depend on a per-rank logger choice.
         sharded = any(any(g.sharded) for g in self.lookahead.groups)
-        self.lookahead.measure_distance = self.log_stats and (bool(trainer.loggers) or sharded)
+        self.lookahead.measure_distance = self.log_stats and (bool(trainer.loggers) or self.prog_bar or sharded)
         self._apply_pending(trainer)
 
     def _apply_pending(self, trainer: Trainer) -> None:
@@ -170,6 +179,7 @@ class LookaheadCallback(Callback):
         if state is not None:
             self.lookahead._load_counters(state)
         self._logged_syncs = self.lookahead.syncs + self.lookahead.skipped  # log only syncs from here on
+        self._published = False
 
     def _catch_up(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Bring Lookahead in line with what the Trainer did since the last hook: a checkpoint
@@ -215,8 +225,8 @@ class LookaheadCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.log_stats and trainer.loggers:
-            self._log_syncs(trainer)
+        if self.log_stats:
+            self._log_syncs(trainer, pl_module)
         self._batches += 1
         every = self.check_ranks_every
         if every is not None and self._batches % (every * self.k * trainer.accumulate_grad_batches) == 0:
@@ -243,13 +253,16 @@ class LookaheadCallback(Callback):
         tensors = [torch.tensor(float(v), dtype=torch.float64) for v in counters.values()] + tensors
         distributed.check_replicated(names, tensors)
 
-    def _log_syncs(self, trainer: Trainer) -> None:
+    def _log_syncs(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Straight to the loggers, not LightningModule.log: Lightning re-logs a step metric's last
         # value on every later step of the epoch, which would fake syncs that did not happen.
         # Rows follow the Trainer's cadence (log_every_n_steps) and only when a sync happened
         # since the last row, so nothing is read from the device on other steps.
         la = self.lookahead
         done = la.syncs + la.skipped
+        if not self._published:  # the current count, so monitors find the key before the first row
+            self._published = True
+            self._to_callback_metrics(trainer, pl_module, {"lookahead/syncs": float(la.syncs)})
         if done == self._logged_syncs or not _should_log(trainer):
             return
         self._logged_syncs = done
@@ -272,6 +285,16 @@ class LookaheadCallback(Callback):
         step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        self._to_callback_metrics(trainer, pl_module, metrics)
+
+    def _to_callback_metrics(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
+        # Through LightningModule.log with logger=False: into trainer.callback_metrics (and the
+        # progress bar), not into logger rows. Re-shown until the next update, which is true here:
+        # the count stays current until the next sync, the distance is the latest sync's.
+        if trainer.barebones:  # Lightning disables self.log there
+            return
+        for name, value in metrics.items():
+            pl_module.log(name, value, prog_bar=self.prog_bar, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The deployable model from here on: LightningModule.on_train_end, later callbacks (export,
