@@ -135,7 +135,7 @@ class LookaheadCallback(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if sum(isinstance(c, LookaheadCallback) for c in trainer.callbacks) > 1:
+        if sum(isinstance(c, LookaheadCallback) for c in trainer.callbacks) > 1:  # type: ignore[attr-defined]
             raise ValueError("Only one LookaheadCallback can be used per Trainer.")
         check_strategy(trainer)
         check_callbacks(trainer)
@@ -157,7 +157,9 @@ class LookaheadCallback(Callback):
         if self.attached:
             return
         if self._pending is not None and "sharded_path" in self._pending:
-            claim = distributed.saved_names(self._pending["sharded_path"], f"state_dict.{FAST_PREFIX}")
+            claim: list[str] | None = distributed.saved_names(
+                self._pending["sharded_path"], f"state_dict.{FAST_PREFIX}"
+            )
         else:
             claim = self._pending["fast"].keys() if self._pending is not None else None
         # phi := the current weights (a checkpoint's slow weights after a restore)
@@ -275,6 +277,7 @@ class LookaheadCallback(Callback):
             suffix = f"/opt{i}" if multi else ""
             step = s.rel_step
             if any(la.groups[i].sharded):  # shards: sum the squares over ranks first
+                assert s.d_sq is not None and s.phi_sq is not None  # measured with rel_distance
                 parts = [s.d_sq, s.phi_sq] + ([s.step_sq] if s.step_sq is not None else [])
                 both = distributed.all_reduce_sum(torch.stack(parts))
                 rel = both[0].sqrt() / both[1].sqrt().clamp_min(1e-30)
@@ -282,9 +285,9 @@ class LookaheadCallback(Callback):
             metrics[f"lookahead/rel_distance{suffix}"] = float(rel)  # host read: log steps only
             if step is not None:
                 metrics[f"lookahead/rel_outer_step{suffix}"] = float(step)
-        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        row = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=row)
         self._to_callback_metrics(trainer, pl_module, metrics)
 
     def _to_callback_metrics(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
@@ -446,8 +449,10 @@ class LookaheadCallback(Callback):
             for name, ks in keys.items():
                 if name not in slow:  # frozen or not optimised: the module's value is the only one
                     continue
+                value = slow[name]
+                assert value is not None  # None only on ranks > 0 of a gathered checkpoint, whose state is empty
                 for key in ks:
-                    state[key] = slow[name] if sharded_file else slow[name].to(state[key].device)
+                    state[key] = value if sharded_file else value.to(state[key].device)
         if sharded_file:
             state.update({f"{FAST_PREFIX}{n}": t for n, t in fast.items()})
             state.update({f"{MOMENT_PREFIX}{n}": t for n, t in moments.items()})
@@ -545,7 +550,7 @@ class _Listed:
 
     def __call__(self) -> bool:
         trainer = self.trainer() if self.trainer is not None else None
-        return trainer is None or any(c is self.callback for c in trainer.callbacks)
+        return trainer is None or any(c is self.callback for c in trainer.callbacks)  # type: ignore[attr-defined]
 
     def __getstate__(self) -> dict[str, Any]:  # a weak reference does not pickle; a copy is ungated
         return {"callback": self.callback, "trainer": None}
@@ -554,13 +559,14 @@ class _Listed:
 def _should_log(trainer: Trainer) -> bool:
     """Whether Lightning writes step metrics to the loggers on the batch that just ended
     (its ``_LoggerConnector.should_update_logs``, evaluated in ``on_train_batch_end``)."""
-    if trainer.log_every_n_steps == 0:
+    every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors, undeclared
+    if every == 0:
         return False
     loop = trainer.fit_loop
     if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
         return False
     step = loop.epoch_loop._batches_that_stepped + 1  # incremented after this hook
-    return step % trainer.log_every_n_steps == 0 or trainer.should_stop or bool(trainer.fast_dev_run)
+    return step % every == 0 or trainer.should_stop or bool(trainer.fast_dev_run)  # type: ignore[attr-defined]
 
 
 def _is(obj: object, module: str, *names: str) -> bool:
@@ -594,7 +600,7 @@ distributed_check_strategy = check_strategy  # the name of the first release
 
 def check_callbacks(trainer: Trainer) -> None:
     """Refuse callbacks that also own the module's weights at evaluation, at the end and in checkpoints."""
-    for cb in trainer.callbacks:
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if _is(cb, "callbacks", "WeightAveraging", "StochasticWeightAveraging"):
             raise ValueError(
                 f"LookaheadCallback cannot be combined with {type(cb).__name__}: both swap their own weights"

@@ -38,13 +38,13 @@ def check_k(k: Any) -> int:
 
 
 def check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or not 0 < alpha <= 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or not 0 < float(alpha) <= 1:
         raise ValueError(f"Lookahead `alpha` must be a finite float in (0, 1], got {alpha!r}")
     return float(alpha)
 
 
 def check_outer_momentum(mu: Any) -> float:
-    if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu) or not 0 <= mu < 1:
+    if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu) or not 0 <= float(mu) < 1:
         raise ValueError(f"Lookahead `outer_momentum` must be a finite float in [0, 1), got {mu!r}")
     return float(mu)
 
@@ -180,7 +180,7 @@ class Lookahead:
         """
         self.detach()
         self._module = module
-        self._names = {p: n for n, p in module.named_parameters()}
+        self._names: dict[Tensor, str] = {p: n for n, p in module.named_parameters()}
         self._owner: dict[Tensor, int] = {}
         self.optimizers = list(optimizers)
         for opt in self.optimizers:
@@ -436,7 +436,8 @@ class Lookahead:
         canonical = _canonical_names(self._module) if self.groups else {}  # raw name -> canonical
 
         def named(tensors: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-            return {canonical[n]: like(params[n], t.detach()) if n in params else t.detach() for n, t in tensors.items()}
+            return {canonical[n]: like(params[n], t.detach()) if n in params else t.detach()
+                    for n, t in tensors.items()}
 
         params = {n: p for g in self.groups for n, p in zip(g.names, g.params)}
         tensors = self.tensors()
@@ -475,7 +476,7 @@ class Lookahead:
             self._load_counters(state)
             return
         if state["version"] != STATE_VERSION:
-            raise ValueError(f"Lookahead state version {state['version']!r} is not supported (expected {STATE_VERSION})")
+            raise ValueError(f"Lookahead state version {state['version']!r} is not {STATE_VERSION}, the supported one")
         if not self.optimizers or not hasattr(self, "_module"):
             raise RuntimeError("Lookahead.load_state_dict needs attach(optimizers, module) first")
         saved = [list(names) for names in state["params"]]
@@ -485,7 +486,7 @@ class Lookahead:
                 f" {len(self.optimizers)}"
             )
         canonical = _canonical_names(self._module)
-        by_name = {canonical[n]: p for n, p in self._module.named_parameters()}
+        by_name: dict[str, Tensor] = {canonical[n]: p for n, p in self._module.named_parameters()}
         missing = [n for names in saved for n in names if n not in by_name]
         if missing:
             raise ValueError(
@@ -505,12 +506,13 @@ class Lookahead:
                 owners[p] = i
         for key in ("fast", "slow", "momentum", "slow_moments"):
             for name, t in state[key].items():
-                p = by_name.get(name)
-                if p is None or p not in owners:
+                param = by_name.get(name)
+                if param is None or param not in owners:
                     raise ValueError(f"Lookahead state: {key!r} has {name!r}, which is not one of its parameters")
-                if tuple(t.shape) != tuple(p.shape):
+                if tuple(t.shape) != tuple(param.shape):
                     raise ValueError(
-                        f"Lookahead state: {key}[{name!r}] has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}"
+                        f"Lookahead state: {key}[{name!r}] has shape {tuple(t.shape)},"
+                        f" the parameter {tuple(param.shape)}"
                     )
         for key in ("fast", "slow"):
             lacking = [n for names in saved for n in names if n not in state[key]]
@@ -529,7 +531,7 @@ class Lookahead:
 
         # Checked: from here on nothing raises for a state that fits.
         self.use_fast()  # the parameters get their own storage back; their values are overwritten below
-        raw = {p: n for n, p in self._module.named_parameters()}
+        raw: dict[Tensor, str] = {p: n for n, p in self._module.named_parameters()}
         self._names, self._owner = raw, owners
         by_raw = {raw[by_name[c]]: c for names in saved for c in names}
 

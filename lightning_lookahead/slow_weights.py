@@ -290,7 +290,7 @@ def _cache_blocks(*lists: list[Tensor]):
         yield block
 
 
-def _sq_norm(tensors: list[Tensor]) -> Tensor:
+def _sq_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """Sum of squares, as a float32 scalar on the tensors' device (no host sync).
 
     Half-precision norms accumulate and return in float32: a float16 norm overflows at 65504.
@@ -307,7 +307,7 @@ def _total(parts: list[Tensor]) -> Tensor:
 class SyncStats:
     """Outcome of one sync. Tensors stay on device: reading them is the caller's choice."""
 
-    __slots__ = ("applied", "rel_distance", "d_sq", "phi_sq", "step_sq")
+    __slots__ = ("applied", "d_sq", "phi_sq", "rel_distance", "step_sq")
 
     def __init__(
         self,
