@@ -423,10 +423,11 @@ class Lookahead:
         maps ``fast``, ``slow``, ``momentum`` (outer momentum buffers) and ``slow_moments``
         (pullback's). Both the fast and the slow copy are always included, so the state restores
         exactly whatever the module holds when it is saved or loaded. The tensors are the live
-        ones, not copies (as in ``torch.optim``); ``torch.save`` of it together with the model's
-        ``state_dict`` stores each storage once, so the file grows by one copy of the trained
-        parameters (plus the buffers). Only tensors, numbers, strings, lists and dicts: it loads
-        with ``torch.load(path, weights_only=True)``.
+        ones, not copies (as in ``torch.optim``), and ``swapped`` is read now: take this together
+        with the model's ``state_dict``, no swap in between (as ``fabric.save`` does). Saved with the
+        model's ``state_dict`` in one ``torch.save``, each storage is stored once, so the file grows
+        by one copy of the trained parameters (plus the buffers). Only tensors, numbers, strings,
+        lists and dicts: it loads with ``torch.load(path, weights_only=True)``.
 
         Names are the module's parameter names without wrapper prefixes (Fabric's
         ``_forward_module.``, DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``, activation
