@@ -76,6 +76,12 @@ class LookaheadCallback(Callback):
             Lookahead with a warning. FSDP2, static-graph DDP, DDP comm hooks and GradScaler are
             refused at setup. Checkpoints carry every rank's fast weights and optimizer state, so
             resuming with the same number of ranks continues exactly.
+        prog_bar: also show these values in the progress bar. Either way they are in
+            ``trainer.callback_metrics`` (``lookahead/syncs`` from the first training batch on, the
+            rest from the first sync), updated with the logger rows, so ``EarlyStopping`` or
+            ``ModelCheckpoint`` can monitor them: ``lookahead/syncs`` is the current sync count,
+            ``lookahead/rel_distance`` the latest sync's distance (measured when the Trainer has a
+            logger or ``prog_bar=True``).
 
     Example::
 
@@ -99,9 +105,11 @@ class LookaheadCallback(Callback):
         outer_momentum: float = 0.0,
         nesterov: bool = True,
         local_sgd: bool = False,
+        prog_bar: bool = False,
     ) -> None:
         self.log_stats = check_bool("log_stats", log_stats)
         self.local_sgd = check_bool("local_sgd", local_sgd)
+        self.prog_bar = check_bool("prog_bar", prog_bar)
         self._local_active = False  # local_sgd and a multi-process DDP fit (decided at setup)
         self.lookahead = Lookahead(k, alpha, inner_state, on_nonfinite, log_stats, outer_momentum, nesterov)  # validates
         self.k, self.alpha = self.lookahead.k, self.lookahead.alpha
@@ -118,6 +126,7 @@ class LookaheadCallback(Callback):
         self._pending_state: dict[str, Any] | None = None  # checkpoint counters, likewise
         self._eval_swapped = False  # we swapped the slow weights in for an evaluation loop
         self._logged_syncs = 0  # lookahead.syncs + skipped at the last logger row (or at attach)
+        self._published = False  # lookahead/syncs is in trainer.callback_metrics since the last attach
         self._batches = 0  # training batches this fit, identical on every rank (the rank-check clock)
 
     def _new_core(self) -> Lookahead:
@@ -138,7 +147,7 @@ class LookaheadCallback(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if sum(isinstance(c, LookaheadCallback) for c in trainer.callbacks) > 1:
+        if sum(isinstance(c, LookaheadCallback) for c in trainer.callbacks) > 1:  # type: ignore[attr-defined]
             raise ValueError("Only one LookaheadCallback can be used per Trainer.")
         check_strategy(trainer)
         check_callbacks(trainer)
@@ -165,18 +174,20 @@ class LookaheadCallback(Callback):
         if self.attached:
             return
         if self._pending is not None and "sharded_path" in self._pending:
-            claim = distributed.saved_names(self._pending["sharded_path"], f"state_dict.{FAST_PREFIX}")
+            claim: list[str] | None = distributed.saved_names(
+                self._pending["sharded_path"], f"state_dict.{FAST_PREFIX}"
+            )
         else:
             claim = self._pending["fast"].keys() if self._pending is not None else None
         # phi := the current weights (a checkpoint's slow weights after a restore)
-        if self._local_active:
+        if self._local_active and trainer.strategy.model is not None:
             local_sgd.check_ddp_module(trainer.strategy.model)
         self.lookahead.attach(trainer.optimizers, pl_module, claim)
         self.lookahead.gate = _Listed(self, trainer)
         # the distance costs extra passes per sync: measure it only if someone will see it. With
         # shards it needs a collective, so there it must not depend on a per-rank logger choice.
         sharded = any(any(g.sharded) for g in self.lookahead.groups)
-        self.lookahead.measure_distance = self.log_stats and (bool(trainer.loggers) or sharded)
+        self.lookahead.measure_distance = self.log_stats and (bool(trainer.loggers) or self.prog_bar or sharded)
         self._apply_pending(trainer)
 
     def _apply_pending(self, trainer: Trainer) -> None:
@@ -192,8 +203,9 @@ class LookaheadCallback(Callback):
             if mine is not None:
                 local_sgd.load_optimizer_states(trainer.optimizers, mine["optimizers"])
         if state is not None:
-            self.lookahead.load_state_dict(state)
+            self.lookahead._load_counters(state)
         self._logged_syncs = self.lookahead.syncs + self.lookahead.skipped  # log only syncs from here on
+        self._published = False
 
     def _catch_up(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Bring Lookahead in line with what the Trainer did since the last hook: a checkpoint
@@ -235,14 +247,14 @@ class LookaheadCallback(Callback):
             self.lookahead.use_fast()
             self._eval_swapped = False
         self._catch_up(trainer, pl_module)
-        if self._local_active:  # before every forward: Lightning turns it back on under manual optimisation
-            local_sgd.disable_ddp_sync(trainer.strategy.model)
+        if self._local_active and trainer.strategy.model is not None:  # before every forward: Lightning
+            local_sgd.disable_ddp_sync(trainer.strategy.model)  # turns it back on under manual optimisation
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.log_stats and trainer.loggers:
-            self._log_syncs(trainer)
+        if self.log_stats:
+            self._log_syncs(trainer, pl_module)
         self._batches += 1
         every = self.check_ranks_every
         if every is not None and self._batches % (every * self.k * trainer.accumulate_grad_batches) == 0:
@@ -269,13 +281,16 @@ class LookaheadCallback(Callback):
         tensors = [torch.tensor(float(v), dtype=torch.float64) for v in counters.values()] + tensors
         distributed.check_replicated(names, tensors)
 
-    def _log_syncs(self, trainer: Trainer) -> None:
+    def _log_syncs(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Straight to the loggers, not LightningModule.log: Lightning re-logs a step metric's last
         # value on every later step of the epoch, which would fake syncs that did not happen.
         # Rows follow the Trainer's cadence (log_every_n_steps) and only when a sync happened
         # since the last row, so nothing is read from the device on other steps.
         la = self.lookahead
         done = la.syncs + la.skipped
+        if not self._published:  # the current count, so monitors find the key before the first row
+            self._published = True
+            self._to_callback_metrics(trainer, pl_module, {"lookahead/syncs": float(la.syncs)})
         if done == self._logged_syncs or not _should_log(trainer):
             return
         self._logged_syncs = done
@@ -288,6 +303,7 @@ class LookaheadCallback(Callback):
             suffix = f"/opt{i}" if multi else ""
             step = s.rel_step
             if any(la.groups[i].sharded):  # shards: sum the squares over ranks first
+                assert s.d_sq is not None and s.phi_sq is not None  # measured with rel_distance
                 parts = [s.d_sq, s.phi_sq] + ([s.step_sq] if s.step_sq is not None else [])
                 both = distributed.all_reduce_sum(torch.stack(parts))
                 rel = both[0].sqrt() / both[1].sqrt().clamp_min(1e-30)
@@ -297,9 +313,19 @@ class LookaheadCallback(Callback):
                 metrics[f"lookahead/rel_outer_step{suffix}"] = float(step)
         if isinstance(la, local_sgd.LocalSGDLookahead):
             metrics.update(la.comm_metrics())
-        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        row = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=row)
+        self._to_callback_metrics(trainer, pl_module, metrics)
+
+    def _to_callback_metrics(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
+        # Through LightningModule.log with logger=False: into trainer.callback_metrics (and the
+        # progress bar), not into logger rows. Re-shown until the next update, which is true here:
+        # the count stays current until the next sync, the distance is the latest sync's.
+        if trainer.barebones:  # Lightning disables self.log there
+            return
+        for name, value in metrics.items():
+            pl_module.log(name, value, prog_bar=self.prog_bar, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The deployable model from here on: LightningModule.on_train_end, later callbacks (export,
@@ -383,7 +409,7 @@ class LookaheadCallback(Callback):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         if self.attached:
-            return self.lookahead.state_dict()
+            return self.lookahead._counters()
         return dict(self._pending_state or {})  # restored but not attached yet: keep it in new checkpoints
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -454,8 +480,10 @@ class LookaheadCallback(Callback):
             for name, ks in keys.items():
                 if name not in slow:  # frozen or not optimised: the module's value is the only one
                     continue
+                value = slow[name]
+                assert value is not None  # None only on ranks > 0 of a gathered checkpoint, whose state is empty
                 for key in ks:
-                    state[key] = slow[name] if sharded_file else slow[name].to(state[key].device)
+                    state[key] = value if sharded_file else value.to(state[key].device)
         if sharded_file:
             state.update({f"{FAST_PREFIX}{n}": t for n, t in fast.items()})
             state.update({f"{MOMENT_PREFIX}{n}": t for n, t in moments.items()})
@@ -560,7 +588,7 @@ class _Listed:
 
     def __call__(self) -> bool:
         trainer = self.trainer() if self.trainer is not None else None
-        return trainer is None or any(c is self.callback for c in trainer.callbacks)
+        return trainer is None or any(c is self.callback for c in trainer.callbacks)  # type: ignore[attr-defined]
 
     def __getstate__(self) -> dict[str, Any]:  # a weak reference does not pickle; a copy is ungated
         return {"callback": self.callback, "trainer": None}
@@ -569,13 +597,14 @@ class _Listed:
 def _should_log(trainer: Trainer) -> bool:
     """Whether Lightning writes step metrics to the loggers on the batch that just ended
     (its ``_LoggerConnector.should_update_logs``, evaluated in ``on_train_batch_end``)."""
-    if trainer.log_every_n_steps == 0:
+    every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's connectors, undeclared
+    if every == 0:
         return False
     loop = trainer.fit_loop
     if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
         return False
     step = loop.epoch_loop._batches_that_stepped + 1  # incremented after this hook
-    return step % trainer.log_every_n_steps == 0 or trainer.should_stop or bool(trainer.fast_dev_run)
+    return step % every == 0 or trainer.should_stop or bool(trainer.fast_dev_run)  # type: ignore[attr-defined]
 
 
 def _is(obj: object, module: str, *names: str) -> bool:
@@ -609,7 +638,7 @@ distributed_check_strategy = check_strategy  # the name of the first release
 
 def check_callbacks(trainer: Trainer) -> None:
     """Refuse callbacks that also own the module's weights at evaluation, at the end and in checkpoints."""
-    for cb in trainer.callbacks:
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if _is(cb, "callbacks", "WeightAveraging", "StochasticWeightAveraging"):
             raise ValueError(
                 f"LookaheadCallback cannot be combined with {type(cb).__name__}: both swap their own weights"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -13,8 +14,11 @@ try:  # DTensor is how FSDP2 / ModelParallelStrategy expose parameter shards.
 except ImportError:  # pragma: no cover - torch builds without distributed support
     DTensor = None  # type: ignore[assignment,misc]
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # a dependency of torch
 
-def is_sharded(t: Tensor) -> bool:
+
+def is_sharded(t: Tensor) -> TypeIs[DTensor]:
     """True for a DTensor (a parameter whose storage on this rank is only a shard)."""
     return DTensor is not None and isinstance(t, DTensor)
 
@@ -43,7 +47,8 @@ def like(template: Tensor, local_tensor: Tensor) -> Tensor:
 
 def full(param: Tensor, local_tensor: Tensor) -> Tensor:
     """The whole tensor behind ``local_tensor`` (a collective for a sharded ``param``: call on all ranks)."""
-    return like(param, local_tensor).full_tensor() if is_sharded(param) else local_tensor
+    whole = like(param, local_tensor)
+    return whole.full_tensor() if is_sharded(whole) else local_tensor
 
 
 def local_from_saved(param: Tensor, saved: Tensor) -> Tensor:

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, NAdam, Optimizer, RAdam
 
-from lightning_lookahead.distributed import local
 from lightning_lookahead._grouping import group_by_device_dtype, group_indices_by_device_dtype
+from lightning_lookahead.distributed import local
 
 InnerState = Literal["keep", "reset", "pullback"]
 INNER_STATES: tuple[str, ...] = ("keep", "reset", "pullback")
@@ -82,12 +82,13 @@ def reset(optimizer: Optimizer, named_params: Iterable[tuple[str, Tensor]]) -> N
     by_value: dict[float, list[Tensor]] = {}
     for _, state in _states(optimizer, named_params, known):
         for key, value in list(state.items()):
-            if known[key] is None:
+            initial = known[key]
+            if initial is None:
                 del state[key]
             elif isinstance(value, Tensor):
-                by_value.setdefault(known[key], []).append(value)
+                by_value.setdefault(initial, []).append(value)
             else:  # python-number step counters (older checkpoints, capturable=False paths)
-                state[key] = type(value)(known[key])
+                state[key] = type(value)(initial)
     for value, tensors in by_value.items():
         tensors = [local(t) for t in tensors]
         for group in group_by_device_dtype(tensors):

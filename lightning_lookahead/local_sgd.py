@@ -246,4 +246,4 @@ def load_optimizer_states(optimizers: Sequence[Optimizer], states: Sequence[Mapp
     if len(states) != len(optimizers):
         raise ValueError(f"checkpoint has {len(states)} per-rank optimizer states, this run has {len(optimizers)}")
     for opt, state in zip(optimizers, states):
-        opt.load_state_dict(state)
+        opt.load_state_dict(dict(state))

@@ -13,16 +13,18 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_lookahead import inner_state as inner
-from lightning_lookahead.distributed import reshard, reshard_like
+from lightning_lookahead.distributed import like, reshard, reshard_like
 from lightning_lookahead.inner_state import INNER_STATES, InnerState
 from lightning_lookahead.slow_weights import SlowWeights, SyncStats
 
 OnNonFinite = Literal["warn", "raise"]
 ON_NONFINITE: tuple[str, ...] = ("warn", "raise")
+STATE_VERSION = 1  # of Lookahead.state_dict()
 
 
 class NonFiniteError(FloatingPointError):
@@ -36,13 +38,13 @@ def check_k(k: Any) -> int:
 
 
 def check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or not 0 < alpha <= 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or not 0 < float(alpha) <= 1:
         raise ValueError(f"Lookahead `alpha` must be a finite float in (0, 1], got {alpha!r}")
     return float(alpha)
 
 
 def check_outer_momentum(mu: Any) -> float:
-    if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu) or not 0 <= mu < 1:
+    if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu) or not 0 <= float(mu) < 1:
         raise ValueError(f"Lookahead `outer_momentum` must be a finite float in [0, 1), got {mu!r}")
     return float(mu)
 
@@ -65,6 +67,32 @@ def check_optional_int(name: str, value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"Lookahead `{name}` must be None or an int >= 1, got {value!r}")
     return int(value)
+
+
+# Wrappers that put their module under an attribute: Fabric (and Lightning's strategies) under
+# `_forward_module`, torch.compile under `_orig_mod`, activation checkpointing under
+# `_checkpoint_wrapped_module`; (Distributed)DataParallel under `module`, a common name that is
+# dropped only below an actual DataParallel.
+_WRAPPER_ATTRIBUTES = frozenset({"_forward_module", "_orig_mod", "_checkpoint_wrapped_module"})
+
+
+def _canonical_names(module: nn.Module) -> dict[str, str]:
+    """``module.named_parameters()`` name -> the name without wrapper prefixes, so the same
+    parameter has the same name whether ``module`` is wrapped (Fabric, DDP, ``torch.compile``,
+    activation checkpointing) or not."""
+    parallel = {path for path, m in module.named_modules() if isinstance(m, (nn.DataParallel, DistributedDataParallel))}
+    out: dict[str, str] = {}
+    for name, _ in module.named_parameters():
+        parts, path = [], ""
+        for part in name.split("."):
+            parent, path = path, f"{path}.{part}" if path else part
+            if part in _WRAPPER_ATTRIBUTES or (part == "module" and parent in parallel):
+                continue
+            parts.append(part)
+        out[name] = ".".join(parts)
+    if len(set(out.values())) < len(out):
+        raise ValueError(f"Lookahead: parameter names {sorted(out)} are not unique once wrapper prefixes are dropped")
+    return out
 
 
 class _StepHook:
@@ -152,7 +180,7 @@ class Lookahead:
         """
         self.detach()
         self._module = module
-        self._names = {p: n for n, p in module.named_parameters()}
+        self._names: dict[Tensor, str] = {p: n for n, p in module.named_parameters()}
         self._owner: dict[Tensor, int] = {}
         self.optimizers = list(optimizers)
         for opt in self.optimizers:
@@ -326,8 +354,9 @@ class Lookahead:
         return changed
 
     # ------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Small, picklable state: numbers and strings only (tensors: :meth:`tensors`)."""
+    def _counters(self) -> dict[str, Any]:
+        """Settings and counters: numbers and strings only (the callback keeps these in its own
+        state and the tensors elsewhere; :meth:`state_dict` in 0.1.0)."""
         return {
             "k": self.k,
             "alpha": self.alpha,
@@ -350,7 +379,8 @@ class Lookahead:
             out["momentum"].update(g.momentum_tensors())
         return out
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def _load_counters(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`_counters` (:meth:`load_state_dict` in 0.1.0)."""
         steps = list(state["steps"])
         if len(steps) != len(self.groups):
             raise ValueError(f"Lookahead state has {len(steps)} optimizers, this run has {len(self.groups)}")
@@ -383,3 +413,148 @@ class Lookahead:
                 live = inner.first_moment(opt, p) if name in saved_moments else None
                 if live is not None:  # our slow moment takes the live buffer's layout (device, shards)
                     moments[name] = reshard_like(live, saved_moments[name]).clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly, ``torch.optim`` style (see :meth:`load_state_dict`).
+
+        Settings (``k``, ``alpha``, ``inner_state``, ``outer_momentum``, ``nesterov``), counters
+        (``steps`` per optimizer, ``syncs``, ``skipped``), ``swapped`` (whether the module holds the
+        slow weights), ``params`` (each optimizer's parameter names, in order) and name -> tensor
+        maps ``fast``, ``slow``, ``momentum`` (outer momentum buffers) and ``slow_moments``
+        (pullback's). Both the fast and the slow copy are always included, so the state restores
+        exactly whatever the module holds when it is saved or loaded. The tensors are the live
+        ones, not copies (as in ``torch.optim``), and ``swapped`` is read now: take this together
+        with the model's ``state_dict``, no swap in between (as ``fabric.save`` does). Saved with the
+        model's ``state_dict`` in one ``torch.save``, each storage is stored once, so the file grows
+        by one copy of the trained parameters (plus the buffers). Only tensors, numbers, strings,
+        lists and dicts: it loads with ``torch.load(path, weights_only=True)``.
+
+        Names are the module's parameter names without wrapper prefixes (Fabric's
+        ``_forward_module.``, DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``, activation
+        checkpointing's ``_checkpoint_wrapped_module.``), so a state saved from a wrapped module
+        loads into the bare one and vice versa.
+        """
+        canonical = _canonical_names(self._module) if self.groups else {}  # raw name -> canonical
+
+        def named(tensors: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return {canonical[n]: like(params[n], t.detach()) if n in params else t.detach()
+                    for n, t in tensors.items()}
+
+        params = {n: p for g in self.groups for n, p in zip(g.names, g.params)}
+        tensors = self.tensors()
+        return {
+            "version": STATE_VERSION,
+            **self._counters(),
+            "swapped": self.swapped,
+            "params": [[canonical[n] for n in g.names] for g in self.groups],
+            "fast": named(tensors["fast"], params),
+            "slow": named(tensors["slow"], params),
+            "momentum": named(tensors["momentum"], params),
+            "slow_moments": named(tensors["slow_moments"], {}),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` exactly; call it after :meth:`attach` (same optimizers, in
+        the same order, and the same module, wrapped or not).
+
+        Whatever the module holds at this moment (fast, slow or other weights) is overwritten: its
+        trained parameters get the saved fast weights, or the slow ones if the state was saved
+        while they were swapped in. So the model's ``state_dict``, which holds the same values,
+        may be loaded before or after this, and the optimizer's too. The settings are this
+        object's own: other saved ones warn (a changed outer momentum drops the saved buffers).
+
+        Raises ``ValueError`` before changing anything when the state does not fit: another number
+        of optimizers, parameter names the module lacks or another optimizer updates, tensors of
+        another shape. A 0.1.0 counters-only state (no ``version``) restores the counters only.
+        """
+        if "version" not in state:
+            warnings.warn(
+                "Lookahead.load_state_dict got a counters-only state (lightning-lookahead 0.1.0); restoring the"
+                " counters only. Lookahead.state_dict() now holds the tensors too.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            self._load_counters(state)
+            return
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"Lookahead state version {state['version']!r} is not {STATE_VERSION}, the supported one")
+        if not self.optimizers or not hasattr(self, "_module"):
+            raise RuntimeError("Lookahead.load_state_dict needs attach(optimizers, module) first")
+        saved = [list(names) for names in state["params"]]
+        if len(saved) != len(self.optimizers) or len(state["steps"]) != len(self.optimizers):
+            raise ValueError(
+                f"Lookahead state was saved with {len(saved)} optimizer(s); this Lookahead is attached to"
+                f" {len(self.optimizers)}"
+            )
+        canonical = _canonical_names(self._module)
+        by_name: dict[str, Tensor] = {canonical[n]: p for n, p in self._module.named_parameters()}
+        missing = [n for names in saved for n in names if n not in by_name]
+        if missing:
+            raise ValueError(
+                f"Lookahead state has {len(missing)} parameter(s) the module lacks, e.g. {missing[:5]};"
+                f" the module's (without wrapper prefixes) are e.g. {list(by_name)[:5]}"
+            )
+        owners: dict[Tensor, int] = {}
+        for i, names in enumerate(saved):
+            own = {p for group in self.optimizers[i].param_groups for p in group["params"]}
+            for name in names:
+                p = by_name[name]
+                if p not in own or p in owners:
+                    raise ValueError(
+                        f"Lookahead state: parameter {name!r} was updated by optimizer {i} (and no other);"
+                        " the attached optimizers differ"
+                    )
+                owners[p] = i
+        for key in ("fast", "slow", "momentum", "slow_moments"):
+            for name, t in state[key].items():
+                param = by_name.get(name)
+                if param is None or param not in owners:
+                    raise ValueError(f"Lookahead state: {key!r} has {name!r}, which is not one of its parameters")
+                if tuple(t.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"Lookahead state: {key}[{name!r}] has shape {tuple(t.shape)},"
+                        f" the parameter {tuple(param.shape)}"
+                    )
+        for key in ("fast", "slow"):
+            lacking = [n for names in saved for n in names if n not in state[key]]
+            if lacking:
+                raise ValueError(f"Lookahead state: {key!r} lacks parameters {lacking[:5]}")
+        settings = {"k": self.k, "alpha": self.alpha, "inner_state": self.inner_state}
+        settings.update(outer_momentum=self.outer_momentum, nesterov=self.nesterov)
+        changed = {key: state[key] for key, value in settings.items() if state.get(key, value) != value}
+        if changed:
+            warnings.warn(
+                f"Lookahead: the state was saved with {changed}; continuing with this object's {settings}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        same_outer = not ({"outer_momentum", "nesterov"} & set(changed))
+
+        # Checked: from here on nothing raises for a state that fits.
+        self.use_fast()  # the parameters get their own storage back; their values are overwritten below
+        raw: dict[Tensor, str] = {p: n for n, p in self._module.named_parameters()}
+        self._names, self._owner = raw, owners
+        by_raw = {raw[by_name[c]]: c for names in saved for c in names}
+
+        def renamed(key: str, names: Sequence[str]) -> dict[str, Tensor]:
+            return {n: state[key][by_raw[n]] for n in names if by_raw[n] in state[key]}
+
+        self.groups, self.slow_moments = [], []
+        for i, names in enumerate(saved):
+            group = SlowWeights([(raw[by_name[c]], by_name[c]) for c in names])
+            group.load_slow(renamed("slow", group.names))
+            group.load_fast(renamed("fast", group.names))
+            group.load_momentum(renamed("momentum", group.names) if same_outer else {})
+            self.groups.append(group)
+            moments: dict[str, Tensor] = {}
+            if self.inner_state == "pullback":
+                for name, p in zip(group.names, group.params):
+                    if by_raw[name] in state["slow_moments"]:
+                        live = inner.first_moment(self.optimizers[i], p)  # None until the optimizer is loaded
+                        template = live if live is not None else p
+                        moments[name] = reshard_like(template, state["slow_moments"][by_raw[name]]).clone()
+            self.slow_moments.append(moments)
+        self._load_counters(state)
+        self.last_stats = {}
+        if state["swapped"]:
+            self.use_slow()

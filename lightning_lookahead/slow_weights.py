@@ -188,7 +188,7 @@ class SlowWeights:
         single = len(blocks) == 1 and not any(self.loose)
         d_sq, phi_sq = [], []
         for fb, pieces, lo, hi in blocks:
-            theta = kept if single else fb.gather(pieces, lo, hi)
+            theta = kept if single and kept is not None else fb.gather(pieces, lo, hi)
             phi = fb.flat[lo:hi]
             if stats:  # on data the block just brought into cache: compute, not traffic
                 d_sq.append(_sq_norm([fb.difference(theta, phi)]))
@@ -274,6 +274,16 @@ class SlowWeights:
             raise KeyError(f"Lookahead checkpoint lacks fast weights for parameters {missing[:5]}")
         for i, name in enumerate(self.names):
             local(self.params[i]).copy_(local_from_saved(self.params[i], fast[name]))
+
+    @torch.no_grad()
+    def load_slow(self, slow: dict[str, Tensor]) -> None:
+        """Overwrite phi from a name -> tensor map, like :meth:`load_fast` (phi keeps its own layout)."""
+        assert not self.swapped
+        missing = [n for n in self.names if n not in slow]
+        if missing:
+            raise KeyError(f"Lookahead state lacks slow weights for parameters {missing[:5]}")
+        for i, name in enumerate(self.names):
+            self.stash[i].copy_(local_from_saved(self.params[i], slow[name]))
 
     @torch.no_grad()
     def load_momentum(self, momentum: dict[str, Tensor]) -> None:
@@ -398,7 +408,7 @@ def _update(theta: list[Tensor], phi: list[Tensor], alpha: float) -> None:
         torch._foreach_copy_(theta, phi)
 
 
-def _sq_norm(tensors: list[Tensor]) -> Tensor:
+def _sq_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """Sum of squares, as a float32 scalar on the tensors' device (no host sync).
 
     Half-precision norms accumulate and return in float32: a float16 norm overflows at 65504.
@@ -415,7 +425,7 @@ def _total(parts: list[Tensor]) -> Tensor:
 class SyncStats:
     """Outcome of one sync. Tensors stay on device: reading them is the caller's choice."""
 
-    __slots__ = ("applied", "rel_distance", "d_sq", "phi_sq", "step_sq")
+    __slots__ = ("applied", "d_sq", "phi_sq", "rel_distance", "step_sq")
 
     def __init__(
         self,

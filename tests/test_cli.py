@@ -75,3 +75,36 @@ def test_lightning_cli_fit_with_lookahead(tmp_path, args):
     for ckpt in ckpts:
         state = _lookahead_state(ckpt)
         assert state["k"] == 2 and state["syncs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trainer.callbacks+=lightning_lookahead.LookaheadCallback", "--trainer.callbacks.k=0"],
+         "Lookahead `k` must be an int >= 1 (optimizer steps per sync), got 0"),
+        (["--config", "examples/cli_config.yaml", "--trainer.callbacks.alpha=2"],
+         "Lookahead `alpha` must be a finite float in (0, 1], got 2.0"),
+    ],
+    ids=["flags_k", "yaml_alpha"],
+)  # fmt: skip
+def test_lightning_cli_bad_value_ends_with_the_callbacks_message(tmp_path, args, message):
+    """Like a type error: usage, then one `error:` line naming the argument and its range; exit 2."""
+    proc = _run("examples/cli.py", "fit", *args, *CLI_FLAGS, f"--trainer.default_root_dir={tmp_path}", ok=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f'error: Parser key "trainer.callbacks": LookaheadCallback: {message}'
+    assert "Traceback" not in proc.stderr and "Union subtypes" not in proc.stderr
+
+
+def test_lookahead_error_reads_the_chain_or_the_listed_errors():
+    sys.path.insert(0, str(ROOT / "examples"))
+    from cli import lookahead_error
+
+    ours = ValueError("Lookahead `k` must be an int >= 1 (optimizer steps per sync), got 0")
+    try:
+        raise ValueError("Does not validate against any of the Union subtypes") from ours
+    except ValueError as err:
+        assert lookahead_error(err) == str(ours)
+    listed = ValueError(f"Does not validate against any of the Union subtypes\nErrors:\n  - {ours}\n  - Other error")
+    assert lookahead_error(listed) == str(ours)
+    assert lookahead_error(ValueError("Does not validate against any of the Union subtypes")) is None
