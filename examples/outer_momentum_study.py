@@ -15,7 +15,8 @@ it stopped (runs already in the CSV are skipped):
     outer_momentum_curves.png   validation accuracy vs step at each method's best LR
 
     python examples/outer_momentum_study.py                # full study into docs/ (~30 min on 2 cores)
-    python examples/outer_momentum_study.py --extra        # then add the EXTRA methods (resumes the CSVs)
+    python examples/outer_momentum_study.py --refine       # then add SNOO at two in-between LRs (resumes)
+    python examples/outer_momentum_study.py --extra        # or add the EXTRA methods (resumes the CSVs)
     python examples/outer_momentum_study.py --quick        # tiny smoke run (< 1 min) into examples/out-quick/
     python examples/outer_momentum_study.py --plot-only    # redraw PNGs and print tables from the CSVs
 """
@@ -70,6 +71,11 @@ LRS = {  # 5 learning rates over 3 decades (0.75-decade steps) per optimizer
     "sgd": np.logspace(-3.5, -0.5, 5),  # 3.2e-4 ... 0.32
     "adamw": np.logspace(-4.5, -1.5, 5),  # 3.2e-5 ... 0.032
 }
+# --refine: give the outer-momentum runs their best chance. On the main grid they peak at an LR
+# next to one where they fail, so the geometric midpoint between the two best grid LRs is added
+# for them only (a check that biases *towards* SNOO, so a negative result stays negative).
+REFINE_LRS = {"sgd": (10**-1.625,), "adamw": (10**-2.625,)}  # 0.024, 0.0024
+REFINE_METHODS = ("snoo_k5_a0.5", "snoo_k20_a0.5")
 SEEDS = (0, 1, 2)
 TARGETS = (0.90, 0.95, 0.97)
 
@@ -103,17 +109,22 @@ def run_key(optimizer: str, method: str, lr: float, seed: int) -> str:
     return f"{optimizer}|{method}|{float(lr):.6g}|{int(seed)}"
 
 
-def make_runs(quick: bool, extra: bool = False) -> list[Run]:
+def make_runs(quick: bool, extra: bool = False, refine: bool = False) -> list[Run]:
     """The grid, seed-major (a study stopped early still covers every cell with fewer seeds);
-    EXTRA methods last, and only with ``extra`` (always in the quick smoke run)."""
+    EXTRA methods (only with ``extra``; always in the quick smoke run) and the REFINE_LRS runs
+    (only with ``refine``, never in the smoke run) come after it."""
     seeds = SEEDS[:1] if quick else SEEDS
-    groups = [[m for m in METHODS if m not in EXTRA]] + ([list(EXTRA)] if extra or quick else [])
+    main = [m for m in METHODS if m not in EXTRA]
     runs = []
-    for methods in groups:
+    for methods in [main] + ([list(EXTRA)] if extra or quick else []):
         for seed in seeds:
             for opt, lrs in LRS.items():
                 for lr in lrs[[3]] if quick else lrs:
                     runs.extend(Run(opt, method, float(lr), seed) for method in methods)
+    if refine and not quick:
+        for seed in seeds:
+            for opt, lrs in REFINE_LRS.items():
+                runs.extend(Run(opt, m, float(lr), seed) for lr in lrs for m in REFINE_METHODS)
     return runs
 
 
@@ -327,9 +338,9 @@ def _fmt_row(row: dict[str, Any], cfg: Config) -> str:
             f"  val_acc={row['val_acc']:.4f} val_loss={row['val_loss']:.4f}  steps to {steps}{flag}")  # fmt: skip
 
 
-def run_study(out: Path, cfg: Config, workers: int, extra: bool = False) -> None:
+def run_study(out: Path, cfg: Config, workers: int, extra: bool = False, refine: bool = False) -> None:
     study_csv, curves_csv = out / "outer_momentum_study.csv", out / "outer_momentum_curves.csv"
-    runs = make_runs(cfg.quick, extra)
+    runs = make_runs(cfg.quick, extra, refine)
     done = _done_keys(study_csv, curves_csv, cfg)
     todo = [r for r in runs if r.key not in done]
     print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already in {study_csv}, {len(todo)} to do"
@@ -363,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: docs/, or examples/out-quick/ with --quick)")  # fmt: skip
     parser.add_argument("--extra", action="store_true", help=f"also run the EXTRA methods {EXTRA}")
+    parser.add_argument("--refine", action="store_true",
+                        help=f"also run {REFINE_METHODS} at the extra LRs {REFINE_LRS}")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="training processes (default 2)")
     parser.add_argument("--plot-only", action="store_true", help="only redraw PNGs / print tables from the CSVs")
     args = parser.parse_args(argv)
@@ -370,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (Path(__file__).resolve().parent / "out-quick" if args.quick else ROOT / "docs")
     out.mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
-        run_study(out, cfg, max(1, args.workers), args.extra)
+        run_study(out, cfg, max(1, args.workers), args.extra, args.refine)
     import om_report
 
     om_report.report(out, cfg)
