@@ -132,7 +132,7 @@ def headline_table(results: pd.DataFrame, optimizer: str, methods: Sequence[str]
             if lr is None:
                 reached = m.groupby("lr")[col].apply(lambda v: v.notna().sum()).max()
                 n = m.seed.nunique()
-                row += f" {NOT_REACHED}{f' (best lr: {reached}/{n} seeds)' if reached else ''} | – |"
+                row += f" {NOT_REACHED}{f' by all seeds ({reached}/{n} at best)' if reached else ''} | – |"
                 continue
             g = m[np.isclose(m.lr, lr)][col]
             factor = base_steps[t] / g.mean()
