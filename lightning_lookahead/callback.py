@@ -383,7 +383,11 @@ class LookaheadCallback(Callback):
             if self.lookahead.use_slow():
                 self._eval_swapped = True
 
-    def _end_eval(self) -> None:
+    def _end_eval(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._eval_swapped and self.attached and (self._pending is not None or self._pending_state is not None):
+            # a checkpoint was restored during the loop: the loaded slow weights went into the
+            # swapped-in storage; swapping back would put the stale fast weights over them
+            self._restore_attached(trainer, pl_module)
         if self._eval_swapped:
             self.lookahead.use_fast()
             self._eval_swapped = False
@@ -392,19 +396,19 @@ class LookaheadCallback(Callback):
         self._begin_eval(trainer, pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_eval()
+        self._end_eval(trainer, pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._begin_eval(trainer, pl_module)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_eval()
+        self._end_eval(trainer, pl_module)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._begin_eval(trainer, pl_module)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_eval()
+        self._end_eval(trainer, pl_module)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -519,7 +523,20 @@ class LookaheadCallback(Callback):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn != "fit":
-            return  # evaluation: checkpoint["state_dict"] already holds the slow weights
+            # evaluation: checkpoint["state_dict"] already holds the slow weights. It replaced the
+            # module's, which were ours after fit: our fast weights and counters belong to other
+            # weights now, and a later trainer.save_checkpoint must not pair them with these.
+            if self.attached:
+                self.lookahead.detach()
+                self.lookahead = self._new_core()
+                self._reset_run_state()
+                self._warn_once(
+                    "forgotten",
+                    "Lookahead: a checkpoint was loaded into the module after fit; the callback drops its fast"
+                    " weights and counters (they belonged to the replaced weights), so a checkpoint saved now"
+                    " holds these weights without Lookahead state.",
+                )
+            return
         entry = checkpoint.get(CHECKPOINT_KEY)
         if entry is None or entry.get("layout") == NOT_STARTED:
             if entry is None and not self.attached:
@@ -604,7 +621,9 @@ def _should_log(trainer: Trainer) -> bool:
     if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
         return False
     step = loop.epoch_loop._batches_that_stepped + 1  # incremented after this hook
-    return step % every == 0 or trainer.should_stop or bool(trainer.fast_dev_run)  # type: ignore[attr-defined]
+    # (not Lightning's `or trainer.should_stop`: one rank may set it alone, and with sharded
+    # parameters a row takes a collective that every rank must reach)
+    return step % every == 0 or bool(trainer.fast_dev_run)  # type: ignore[attr-defined]
 
 
 def _is(obj: object, module: str, *names: str) -> bool:

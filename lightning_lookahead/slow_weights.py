@@ -55,8 +55,8 @@ class SlowWeights:
         slow: Mapping[str, Tensor] | None = None,
         momentum: Mapping[str, Tensor] | None = None,
     ) -> None:
-        """Start slow weights for more parameters: ``slow[name]`` where given (taken over, not
-        copied: e.g. from the group of an optimizer that was replaced), else their current values.
+        """Start slow weights for more parameters: ``slow[name]`` where given (e.g. from the group of
+        an optimizer that was replaced), else their current values; always copied into our own storage.
         Their outer momentum buffers (if this group has them) are ``momentum[name]`` or zeros."""
         assert not self.swapped
         slow, momentum = slow or {}, momentum or {}
@@ -80,11 +80,13 @@ class SlowWeights:
         self.flat: list[_FlatBucket] = []
         self.loose: list[list[int]] = []
         for idx in self.buckets:
-            flat_idx = [i for i in idx if local(self.params[i]).is_contiguous() and self.stash[i].is_contiguous()]
+            flat_idx = [i for i in idx if local(self.params[i]).is_contiguous()]
             loose = [i for i in idx if i not in set(flat_idx)]
             for i in loose:
-                if i >= first:  # clone() keeps strides, so a pointer swap stays shape-exact
-                    self.stash[i] = self.stash[i].clone()
+                theta = local(self.params[i])
+                if i >= first or self.stash[i].stride() != theta.stride():
+                    # our own storage with the parameter's strides, so a pointer swap is shape-exact
+                    self.stash[i] = torch.empty_like(theta).copy_(self.stash[i])
             self.loose.append(loose)
             if flat_idx:
                 self.flat.append(_FlatBucket(flat_idx, self.stash))
@@ -145,6 +147,8 @@ class SlowWeights:
         assert not self.swapped, "sync while the slow weights are swapped in"
         if not self.buckets:  # an optimizer whose parameters are all frozen (for now)
             return SyncStats(applied=True)
+        if any(not local(self.params[i]).is_contiguous() for fb in self.flat for i in fb.idx):
+            self._layout(len(self.params))  # e.g. model.to(memory_format=channels_last) after attach
         if momentum:
             return self._sync_momentum(alpha, momentum, nesterov, stats)
         return self._sync_stats(alpha) if stats else self._sync_lean(alpha)
@@ -183,7 +187,7 @@ class SlowWeights:
             kept = fb.gather(pieces, lo, hi)
             guard.append(_sq_norm([kept]))
         guard += [_sq_norm(theta) for theta, _ in self._loose_blocks()]
-        if not self._all_finite(_total(guard)):
+        if not self._all_finite(_total(guard, self._device())):
             return SyncStats(applied=False)  # nothing written; a distance to inf means nothing
         single = len(blocks) == 1 and not any(self.loose)
         d_sq, phi_sq = [], []
@@ -205,9 +209,12 @@ class SlowWeights:
             _update(theta, phi, alpha)
         if not stats:
             return SyncStats(applied=True)
-        total_d, total_phi = _total(d_sq), _total(phi_sq)
+        total_d, total_phi = _total(d_sq, self._device()), _total(phi_sq, self._device())
         rel = total_d.sqrt() / total_phi.sqrt().clamp_min(1e-30)
         return SyncStats(applied=True, rel_distance=rel, d_sq=total_d, phi_sq=total_phi)
+
+    def _device(self) -> torch.device:
+        return local(self.params[0]).device
 
     def _sync_momentum(self, alpha: float, mu: float, nesterov: bool, stats: bool) -> SyncStats:
         if not self._theta_finite():  # decided before anything is written: b is guarded like phi
@@ -418,7 +425,10 @@ def _sq_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     return torch.stack(norms).float().square().sum()
 
 
-def _total(parts: list[Tensor]) -> Tensor:
+def _total(parts: list[Tensor], device: torch.device | None = None) -> Tensor:
+    """The sum of float32 scalars (zero when there are none: e.g. only empty tensors on this rank)."""
+    if not parts:
+        return torch.zeros((), device=device)
     return torch.stack([p.to(parts[0].device) for p in parts]).sum()
 
 

@@ -571,3 +571,90 @@ def test_standalone_pytorch_lightning_namespace():
     for bad in (pl.callbacks.EMAWeightAveraging(), pl.callbacks.StochasticWeightAveraging(swa_lrs=0.01)):
         with pytest.raises(ValueError, match="cannot be combined"):
             pl.Trainer(max_epochs=1, callbacks=[LookaheadCallback(), bad], **kw).fit(PLModule(), loader())
+
+
+# ----------------------------------------------------------------- found by review
+class ConvChannelsLast(RegressionModule):
+    """A conv net that switches to channels_last in on_train_start, i.e. after Lookahead attached
+    (during the sanity check); ``early=True`` switches before fit instead."""
+
+    def __init__(self, early: bool = False) -> None:
+        super().__init__("sgd")
+        torch.manual_seed(0)
+        self.conv, self.head, self.early = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4, 2), early
+        if early:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        img = x[:, :4].reshape(-1, 1, 2, 2).expand(-1, 2, 2, 2)
+        return self.head(self.conv(img).mean((2, 3)))
+
+    def on_train_start(self):
+        self.to(memory_format=torch.channels_last)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for n, p in self.named_parameters() if not n.startswith("net.")], lr=0.1)
+
+
+def test_memory_format_changed_after_attach():
+    """The slow weights follow a parameter re-laid out after attach (a crash at the first sync before)."""
+    late, early = ConvChannelsLast(), ConvChannelsLast(early=True)
+    for model in (late, early):
+        trainer(max_epochs=1, num_sanity_val_steps=1, callbacks=[LookaheadCallback(k=2)]).fit(model, loader(), loader(1))
+    assert late.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(late.parameters(), early.parameters()):
+        assert torch.equal(a, b)
+
+
+class RestoreInsideValidation(Callback):
+    """Saves at the end of epoch 0, then restores that checkpoint at the start of validation in
+    epoch 1 (while the slow weights are swapped in), and records Lookahead's state at the next batch."""
+
+    def __init__(self, cb: LookaheadCallback, path) -> None:
+        self.cb, self.path, self.stage, self.saved, self.after = cb, path, 0, None, None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0 and self.saved is None:  # once: the rollback replays this hook
+            trainer.save_checkpoint(self.path)
+            self.saved = torch.load(self.path, weights_only=True)
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1 and self.stage == 0:
+            self.stage = 1
+            trainer._checkpoint_connector.restore(self.path)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.stage == 1:
+            self.stage = 2
+            t = self.cb.lookahead.tensors()
+            self.after = ({n: v.clone() for n, v in t["fast"].items()}, {n: v.clone() for n, v in t["slow"].items()})
+
+
+def test_checkpoint_restored_inside_validation_is_applied(tmp_path):
+    cb = LookaheadCallback(k=4, alpha=0.5)
+    probe = RestoreInsideValidation(cb, tmp_path / "e0.ckpt")
+    trainer(max_epochs=3, val_check_interval=3, limit_val_batches=1, callbacks=[cb, probe]).fit(
+        RegressionModule("sgd"), loader(), loader()
+    )
+    ckpt = probe.saved
+    fast, slow = probe.after
+    for n in fast:
+        assert torch.equal(slow[n], ckpt["state_dict"][n]), n  # before the fix: the pre-restore fast weights
+        assert torch.equal(fast[n], ckpt[CHECKPOINT_KEY]["fast"][n]), n
+
+
+def test_checkpoint_loaded_after_fit_drops_the_stale_lookahead_state(tmp_path):
+    """After fit the module holds the slow weights; trainer.test(ckpt_path=older) replaces them, so a
+    checkpoint saved then must not pair them with the fit's fast weights and counters."""
+    cb = LookaheadCallback(k=4, alpha=0.5)
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    t = trainer(max_epochs=3, enable_checkpointing=True, callbacks=[cb, ckpt_cb])
+    t.fit(RegressionModule("sgd"), loader(), loader(1))
+    with pytest.warns(UserWarning, match="drops its fast weights and counters"):
+        t.test(ckpt_path=tmp_path / "epoch=0.ckpt", dataloaders=loader(1), verbose=False)
+    t.save_checkpoint(tmp_path / "after_test.ckpt")
+    saved = torch.load(tmp_path / "after_test.ckpt", weights_only=True)
+    assert CHECKPOINT_KEY not in saved  # resuming from it warns and starts slow = fast = these weights
+    old = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
+    for n, v in old["state_dict"].items():
+        assert torch.equal(saved["state_dict"][n], v)

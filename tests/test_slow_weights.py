@@ -108,3 +108,12 @@ def test_group_without_trainable_parameters_syncs_as_a_no_op():
     sw = SlowWeights([])
     for stats in (True, False):
         assert sw.sync(0.5, stats=stats).applied
+
+
+def test_only_empty_parameters_sync_as_a_no_op():
+    """A zero-element parameter (or an empty FSDP2 shard on this rank) still takes part in the
+    guard, with a zero, instead of failing (every rank must reach the guard's all-reduce)."""
+    empty = torch.nn.Parameter(torch.zeros(0, 4))
+    sw = SlowWeights([("e", empty)])
+    assert sw.sync(0.5, stats=True).applied and sw.sync(0.5, stats=False).applied
+    assert sw.sync(0.5, stats=True, momentum=0.9).applied
