@@ -182,17 +182,14 @@ class SlowWeights:
         """Lookahead's sync in two passes: the guard reads all of theta (nothing may be written
         before it), then each cache block is read once and everything else happens in cache."""
         blocks = [(fb, pieces, lo, hi) for fb in self.flat for pieces, lo, hi in fb.theta_blocks(self.params)]
-        guard, kept = [], None
-        for fb, pieces, lo, hi in blocks:
-            kept = fb.gather(pieces, lo, hi)
-            guard.append(_sq_norm([kept]))
+        # the guard reads the views in place (no gathered copy: that would add a write and a read)
+        guard = [_sq_norm(pieces) for _, pieces, _, _ in blocks]
         guard += [_sq_norm(theta) for theta, _ in self._loose_blocks()]
         if not self._all_finite(_total(guard, self._device())):
             return SyncStats(applied=False)  # nothing written; a distance to inf means nothing
-        single = len(blocks) == 1 and not any(self.loose)
         d_sq, phi_sq = [], []
         for fb, pieces, lo, hi in blocks:
-            theta = kept if single and kept is not None else fb.gather(pieces, lo, hi)
+            theta = fb.gather(pieces, lo, hi)
             phi = fb.flat[lo:hi]
             if stats:  # on data the block just brought into cache: compute, not traffic
                 d_sq.append(_sq_norm([fb.difference(theta, phi)]))
