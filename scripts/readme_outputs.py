@@ -1,7 +1,7 @@
 """Regenerate the example outputs that README.md prints, from real runs, so they cannot drift.
 
     python scripts/readme_outputs.py                 # rerun every example and rewrite its block
-    python scripts/readme_outputs.py demo hydra      # only these blocks
+    python scripts/readme_outputs.py demo hydra      # only these blocks (bench: reads benchmarks/RESULTS.md)
     python scripts/readme_outputs.py --check demo    # exit 1 if a fresh run differs from README.md
 
 A block in README.md is a fenced ``text`` block between ``<!-- output: NAME -->`` and
@@ -50,7 +50,15 @@ def hydra() -> list[str]:
     return lines
 
 
-BLOCKS = {"demo": demo, "hydra": hydra}
+def bench() -> list[str]:
+    """The goal verdicts of the last benchmark run, as benchmarks/RESULTS.md (written by
+    ``python benchmarks/bench_lookahead.py``) states them; this does not rerun the benchmark."""
+    lines = (ROOT / "benchmarks" / "RESULTS.md").read_text().splitlines()
+    verdicts = [line.lstrip("- ") for line in lines if "**met**" in line or "**missed**" in line]
+    return ["$ python3 benchmarks/bench_lookahead.py   # goal verdicts from benchmarks/RESULTS.md", *verdicts]
+
+
+BLOCKS = {"demo": demo, "hydra": hydra, "bench": bench}
 PATTERN = r"(<!-- output: {name} -->\n```text\n)(.*?)(```\n<!-- /output -->)"
 
 
