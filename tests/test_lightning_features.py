@@ -270,11 +270,12 @@ class LookaheadState(Callback):
             self.snapshot()
 
 
-class MidFitLRFinder(LearningRateFinder):
-    """The milestone pattern from LearningRateFinder's docstring: a range test at epoch 1."""
+class _TrialAtEpoch1:
+    """The milestone pattern from LearningRateFinder's docstring: a tuner trial at epoch 1 (not at
+    fit start), with Lookahead's state recorded right before it."""
 
     def __init__(self, probe: LookaheadState, **kw) -> None:
-        super().__init__(**kw)
+        super().__init__(**kw)  # type: ignore[call-arg]
         self.probe = probe
 
     def on_fit_start(self, *args):
@@ -283,21 +284,17 @@ class MidFitLRFinder(LearningRateFinder):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == 1:
             self.probe.snapshot()
-            self.lr_find(trainer, pl_module)
+            self.trial(trainer, pl_module)
 
 
-class MidFitBatchSizeFinder(BatchSizeFinder):
-    def __init__(self, probe: LookaheadState, **kw) -> None:
-        super().__init__(**kw)
-        self.probe = probe
+class MidFitLRFinder(_TrialAtEpoch1, LearningRateFinder):
+    def trial(self, trainer, pl_module):
+        self.lr_find(trainer, pl_module)
 
-    def on_fit_start(self, *args):
-        pass
 
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == 1:
-            self.probe.snapshot()
-            self.scale_batch_size(trainer, pl_module)
+class MidFitBatchSizeFinder(_TrialAtEpoch1, BatchSizeFinder):
+    def trial(self, trainer, pl_module):
+        self.scale_batch_size(trainer, pl_module)
 
 
 class BatchSized(RegressionModule):

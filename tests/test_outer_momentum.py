@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BATCH, RegressionModule, loader, make_net, make_optimizer, reference_lookahead, trainer
+from test_eval_and_checkpoints import StatefulLoader
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -354,30 +355,6 @@ def test_replaced_optimizers_keep_the_momentum_buffer():
 
 
 # --------------------------------------------------------------------------- 3. exact resume
-class StatefulLoader:
-    """A deterministic, resumable loader (Lightning restores its position on a mid-epoch resume)."""
-
-    def __init__(self):
-        self.batches = list(loader())
-        self.start = 0
-        self.pos = 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        self.pos, self.start = self.start, 0
-        while self.pos < len(self.batches):
-            self.pos += 1
-            yield self.batches[self.pos - 1]
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.start = state["pos"]
-
-
 def _no_mismatch_warning(records) -> None:
     assert not [w for w in records if "saved with" in str(w.message)], [str(w.message) for w in records]
 
