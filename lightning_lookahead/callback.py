@@ -207,13 +207,18 @@ class LookaheadCallback(Callback):
         self._logged_syncs = self.lookahead.syncs + self.lookahead.skipped  # log only syncs from here on
         self._published = False
 
+    @property
+    def _restore_waiting(self) -> bool:
+        """A checkpoint was restored into the running fit and is not applied yet."""
+        return self.attached and (self._pending is not None or self._pending_state is not None)
+
     def _catch_up(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Bring Lookahead in line with what the Trainer did since the last hook: a checkpoint
         restored in the middle of fit (the LR finder and batch-size finder roll back their trials
-        this way), optimizers that were re-created, step counting stopped by a nested loop."""
+        this way) and optimizers that were re-created."""
         if not self.attached:
             return
-        if self._pending is not None or self._pending_state is not None:
+        if self._restore_waiting:
             self._restore_attached(trainer, pl_module)
         if self.lookahead.swapped:
             return  # evaluation in progress: the optimizers cannot step now
@@ -384,7 +389,7 @@ class LookaheadCallback(Callback):
                 self._eval_swapped = True
 
     def _end_eval(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._eval_swapped and self.attached and (self._pending is not None or self._pending_state is not None):
+        if self._eval_swapped and self._restore_waiting:
             # a checkpoint was restored during the loop: the loaded slow weights went into the
             # swapped-in storage; swapping back would put the stale fast weights over them
             self._restore_attached(trainer, pl_module)

@@ -151,7 +151,7 @@ class SlowWeights:
             self._layout(len(self.params))  # e.g. model.to(memory_format=channels_last) after attach
         if momentum:
             return self._sync_momentum(alpha, momentum, nesterov, stats)
-        return self._sync_stats(alpha) if stats else self._sync_lean(alpha)
+        return self._sync_plain(alpha, stats)
 
     def _all_finite(self, total: Tensor) -> bool:
         """The one host read of a sync step. With shards, every rank must decide alike."""
@@ -171,12 +171,6 @@ class SlowWeights:
     def _theta_finite(self) -> bool:
         # one guard for every path (float32 norms of theta), so they always decide alike
         return self._all_finite(_total([_sq_norm(theta) for theta, _ in self._pairs()]))
-
-    def _sync_lean(self, alpha: float) -> SyncStats:
-        return self._sync_plain(alpha, stats=False)
-
-    def _sync_stats(self, alpha: float) -> SyncStats:
-        return self._sync_plain(alpha, stats=True)
 
     def _sync_plain(self, alpha: float, stats: bool) -> SyncStats:
         """Lookahead's sync in two passes: the guard reads all of theta (nothing may be written
@@ -204,11 +198,7 @@ class SlowWeights:
                 d_sq.append(_sq_norm(torch._foreach_sub(theta, phi)))
                 phi_sq.append(_sq_norm(phi))
             _update(theta, phi, alpha)
-        if not stats:
-            return SyncStats(applied=True)
-        total_d, total_phi = _total(d_sq, self._device()), _total(phi_sq, self._device())
-        rel = total_d.sqrt() / total_phi.sqrt().clamp_min(1e-30)
-        return SyncStats(applied=True, rel_distance=rel, d_sq=total_d, phi_sq=total_phi)
+        return SyncStats.measured(self._device(), d_sq, phi_sq) if stats else SyncStats(applied=True)
 
     def _device(self) -> torch.device:
         return local(self.params[0]).device
@@ -239,11 +229,7 @@ class SlowWeights:
                     step_sq.append(_sq_norm(step) * (alpha * alpha))
                 torch._foreach_add_(p, step, alpha=-alpha)
                 torch._foreach_copy_(t, p)
-        if not stats:
-            return SyncStats(applied=True)
-        total_d, total_phi = _total(d_sq), _total(phi_sq)
-        rel = total_d.sqrt() / total_phi.sqrt().clamp_min(1e-30)
-        return SyncStats(applied=True, rel_distance=rel, d_sq=total_d, phi_sq=total_phi, step_sq=_total(step_sq))
+        return SyncStats.measured(self._device(), d_sq, phi_sq, step_sq) if stats else SyncStats(applied=True)
 
     # ---------------------------------------------------------------- swap
     @torch.no_grad()
@@ -447,6 +433,16 @@ class SyncStats:
         self.d_sq = d_sq  # ||theta - phi||^2 (this rank's part)
         self.phi_sq = phi_sq  # ||phi||^2 before the sync (this rank's part)
         self.step_sq = step_sq  # ||phi_new - phi||^2 of a momentum outer step (this rank's part); else None
+
+    @classmethod
+    def measured(
+        cls, device: torch.device, d_sq: list[Tensor], phi_sq: list[Tensor], step_sq: list[Tensor] | None = None
+    ) -> SyncStats:
+        """An applied sync's stats from per-block squared norms (zeros where this rank has none)."""
+        total_d, total_phi = _total(d_sq, device), _total(phi_sq, device)
+        rel = total_d.sqrt() / total_phi.sqrt().clamp_min(1e-30)
+        step = _total(step_sq, device) if step_sq is not None else None
+        return cls(applied=True, rel_distance=rel, d_sq=total_d, phi_sq=total_phi, step_sq=step)
 
     @property
     def rel_step(self) -> Tensor | None:
