@@ -144,8 +144,8 @@ class LookaheadCallback(Callback):
     outer_optimizer = property(lambda self: self.config.outer_optimizer)
 
     def _new_core(self) -> Lookahead:
-        core = local_sgd.LocalSGDLookahead if self._local_active else Lookahead
-        return core(config=self.config, measure_distance=False)
+        averager = local_sgd.WeightAverager() if self._local_active else None
+        return Lookahead(config=self.config, before_sync=averager)
 
     @property
     def attached(self) -> bool:
@@ -218,6 +218,8 @@ class LookaheadCallback(Callback):
         if state is not None:
             self.lookahead._load_counters(state)
         self._logged_syncs = self.lookahead.syncs + self.lookahead.skipped  # log only syncs from here on
+        if isinstance(self.lookahead.before_sync, local_sgd.WeightAverager):
+            self.lookahead.before_sync.start(sum(self.lookahead.steps))  # bytes per step of this fit
         self._published = False
 
     @property
@@ -267,6 +269,11 @@ class LookaheadCallback(Callback):
         self._catch_up(trainer, pl_module)
         if self._local_active and trainer.strategy.model is not None:  # before every forward: Lightning
             local_sgd.disable_ddp_sync(trainer.strategy.model)  # turns it back on under manual optimisation
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # optimizers re-created after on_train_batch_start (by a callback listed after this one) are
+        # followed before their first step, so that step counts
+        self._catch_up(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -334,8 +341,8 @@ class LookaheadCallback(Callback):
             metrics[f"lookahead/rel_distance{suffix}"] = float(rel)  # host read: log steps only
             if step is not None:
                 metrics[f"lookahead/rel_outer_step{suffix}"] = float(step)
-        if isinstance(la, local_sgd.LocalSGDLookahead):
-            metrics.update(la.comm_metrics())
+        if isinstance(la.before_sync, local_sgd.WeightAverager):
+            metrics.update(la.before_sync.comm_metrics(sum(la.steps)))
         row = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=row)

@@ -80,8 +80,9 @@ class Lookahead:
     own AMP handling such as ``fused=True``, calls it with ``found_inf`` set, which the hook
     checks), and after every
     ``k``-th step of an optimizer syncs that optimizer's parameters:
-    ``phi <- phi + alpha (theta - phi); theta <- phi``. With ``measure_distance`` each sync also
-    records ``||theta - phi|| / ||phi||`` in :attr:`last_stats` (two more passes over the weights).
+    ``phi <- phi + alpha (theta - phi); theta <- phi``. With ``measure_distance`` (a bool, or a
+    function of the optimizer index asked at each sync) a sync also records ``||theta - phi|| / ||phi||``
+    in :attr:`last_stats`, computed on each cache block while it is in cache.
 
     That slow step is SGD with learning rate ``alpha`` on the pseudo-gradient ``phi - theta``.
     ``outer_momentum=mu > 0`` adds momentum to it: a buffer ``b <- mu b + (phi - theta)``, then
@@ -116,12 +117,13 @@ class Lookahead:
         alpha: float = 0.5,
         inner_state: InnerState = "keep",
         on_nonfinite: OnNonFinite = "warn",
-        measure_distance: bool | Callable[[int], bool] = True,
+        measure_distance: bool | Callable[[int], bool] = False,
         outer_momentum: float = 0.0,
         nesterov: bool = True,
         outer_optimizer: OuterOptimizerFactory | None = None,
         *,
         config: LookaheadConfig | None = None,
+        before_sync: Callable[[Lookahead, int], None] | None = None,
     ) -> None:
         # all settings are validated once, by LookaheadConfig; ``config`` replaces the arguments
         self.config = config or LookaheadConfig(k, alpha, inner_state, on_nonfinite, outer_momentum, nesterov, outer_optimizer)
@@ -130,6 +132,8 @@ class Lookahead:
         # ||theta - phi|| / ||phi|| at a sync of optimizer i when this is true (or returns true for i)
         self.measure_distance = measure_distance
         self.inner = self.config.inner_policy()
+        # called as before_sync(self, index) before each sync, e.g. local SGD's weight averaging
+        self.before_sync = before_sync
         self.groups: list[SlowWeights] = []
         self.optimizers: list[Optimizer] = []
         self.steps: list[int] = []  # real optimizer steps per optimizer
@@ -137,6 +141,7 @@ class Lookahead:
         self.skipped = 0  # syncs skipped for non-finite fast weights
         self.last_stats: dict[int, SyncStats] = {}  # optimizer index -> stats of its latest sync
         self._unread: list[tuple[int, int, Tensor]] = []  # (optimizer, step, applied flag) decided on the device
+        self._signatures: dict[int, tuple] = {}  # optimizer index -> its parameters' signature at the last sync
         self._handles: list[RemovableHandle] = []
         self._warned_nonfinite = False
         # a step counts only while gate() is true (None: always). The callback closes it while a
@@ -166,6 +171,11 @@ class Lookahead:
     @property
     def on_nonfinite(self) -> str:
         return self.config.on_nonfinite
+
+    @property
+    def module(self) -> nn.Module:
+        """The module given to :meth:`attach`."""
+        return self._module
 
     @property
     def slow_moments(self) -> list[dict[str, Tensor]]:
@@ -200,6 +210,7 @@ class Lookahead:
         self.inner.start(len(self.optimizers))
         self.last_stats = {}
         self._unread = []
+        self._signatures = {}
         self.hook()
 
     def _group(self, named: Sequence[tuple[str, Tensor]], slow: Mapping[str, Tensor] | None = None) -> SlowWeights:
@@ -243,6 +254,7 @@ class Lookahead:
         self.steps = [steps[i] if i < len(steps) else 0 for i in range(len(optimizers))]
         self.inner.start(len(optimizers))
         self.last_stats = {}
+        self._signatures = {}
         self.hook()
         return True
 
@@ -271,7 +283,13 @@ class Lookahead:
 
     def _adopt_new_parameters(self, index: int) -> None:
         # Fine-tuning schedules (Lightning's BaseFinetuning) add param groups or unfreeze
-        # parameters mid-run; without this they would silently train without Lookahead.
+        # parameters mid-run; without this they would silently train without Lookahead. A cheap
+        # signature (group and parameter counts, trainable flags) skips the search when nothing changed.
+        groups = self.optimizers[index].param_groups
+        signature = (len(groups), *(len(g["params"]) for g in groups), *(p.requires_grad for g in groups for p in g["params"]))
+        if self._signatures.get(index) == signature:
+            return
+        self._signatures[index] = signature
         new = self._claim(index)
         if new:
             self.groups[index].add(new)
@@ -336,7 +354,9 @@ class Lookahead:
             raise RuntimeError(
                 f"Lookahead.sync({index!r}): attach(optimizers, module) first; attached optimizers: {len(self.groups)}"
             )
-        self._adopt_new_parameters(index)
+        self._adopt_new_parameters(index)  # new parameters join first (local SGD averages them too)
+        if self.before_sync is not None:
+            self.before_sync(self, index)
         group = self.groups[index]
         measure = self.measure_distance(index) if callable(self.measure_distance) else self.measure_distance
         # the inner-state policies act on the host's decision, so only "keep" may leave it on the device

@@ -44,6 +44,8 @@ class Bucket:
         self.params, self.idx, self.flat = params, idx, flat
         self.stats: list[Tensor] | None = None  # [||theta - phi||^2 parts, ||phi||^2 parts] while measuring
         self.sharded = [is_sharded(params[i]) for i in idx]
+        # whose storage each sync checks (FSDP2 re-points its shards itself; they keep their storage)
+        self.checked = [params[i] for i, sharded in zip(idx, self.sharded) if not sharded]
         if flat:
             shapes = [t.shape for t in fast]
             strides = [local(params[i]).stride() for i in idx]
@@ -88,7 +90,7 @@ class Bucket:
         self.ptrs = self._ptrs()
 
     def _ptrs(self) -> list[int]:
-        return [local(self.params[i]).data_ptr() for j, i in enumerate(self.idx) if not self.sharded[j]]
+        return [p.data_ptr() for p in self.checked]
 
     def moved(self) -> bool:
         """Whether a parameter left the storage we put it in (one pointer comparison each)."""
@@ -117,11 +119,11 @@ class Bucket:
         else:
             yield self.values("fast"), self.other
 
-    def finite_parts(self) -> list[Tensor]:
-        """Min and max of theta (0-dim tensors): all finite iff theta is (inf and nan propagate; no overflow)."""
+    def max_abs(self) -> list[Tensor]:
+        """max |theta| per tensor (0-dim): finite iff theta is (inf and nan propagate; a maximum
+        never overflows, unlike a sum of squares). One read of theta, no temporary."""
         theta = [self.fast] if self.flat else self.values("fast")
-        theta = [torch.view_as_real(t.contiguous()) if t.is_complex() else t for t in theta]
-        return [m for t in theta if t.numel() for m in torch.aminmax(t)]
+        return [torch.linalg.vector_norm(t, float("inf")) for t in theta if t.numel()]
 
     def measure(self, theta: list[Tensor], phi: list[Tensor]) -> None:
         if self.stats is not None:  # on the block just brought into cache
@@ -259,13 +261,16 @@ class SlowWeights:
         if not self.buckets:  # an optimizer whose parameters are all frozen (for now)
             return SyncStats(applied=True)
         device = local(self.params[0]).device
-        parts = [m.double().to(device) for b in self.buckets for m in b.finite_parts()]  # float64: no overflow
-        bad = (~torch.isfinite(torch.stack(parts))).sum() if parts else torch.zeros((), device=device)
+        parts = [m for b in self.buckets for m in b.max_abs()]
+        if len(parts) == 1:
+            bad = ~torch.isfinite(parts[0])
+        else:  # isfinite per part: a float64 maximum cast to float32 could overflow
+            bad = torch.zeros((), device=device) if not parts else (~torch.stack([torch.isfinite(m).to(device) for m in parts])).any()
         if any(self.sharded):  # every rank must take the same branch
             bad = all_reduce_sum(bad.float())
-        zero = torch.zeros((), device=device)
-        for b in self.buckets:
-            b.stats = [zero.clone(), zero.clone()] if measure else None
+        if measure:
+            for b in self.buckets:
+                b.stats = [torch.zeros((), device=device), torch.zeros((), device=device)]
         if device_side and self.outer.device_side and device.type in DEVICE_SIDE:
             ok = bad == 0
             self.outer.apply_masked(self.buckets, ok)
