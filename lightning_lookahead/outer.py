@@ -76,7 +76,13 @@ class LerpStep(OuterStep):
         for b in buckets:
             for theta, phi in b.parts():
                 b.measure(theta, phi)
-                if self.alpha == 1.0:
+                if len(theta) == 1:  # a block of the flat buffers: plain ops, less dispatch than foreach
+                    if self.alpha == 1.0:
+                        phi[0].copy_(theta[0])
+                    else:
+                        phi[0].lerp_(theta[0], self.alpha)
+                        theta[0].copy_(phi[0])
+                elif self.alpha == 1.0:
                     torch._foreach_copy_(phi, theta)
                 else:
                     torch._foreach_lerp_(phi, theta, self.alpha)  # the kernel of torch.lerp on each tensor

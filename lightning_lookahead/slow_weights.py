@@ -17,6 +17,7 @@ device and shape. :meth:`SlowWeights.release` gives every parameter its own stor
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -119,11 +120,16 @@ class Bucket:
         else:
             yield self.values("fast"), self.other
 
-    def max_abs(self) -> list[Tensor]:
-        """max |theta| per tensor (0-dim): finite iff theta is (inf and nan propagate; a maximum
-        never overflows, unlike a sum of squares). One read of theta, no temporary."""
+    def theta(self) -> list[Tensor]:
+        """Theta as tensors with elements: the flat buffer, or the per-parameter tensors."""
         theta = [self.fast] if self.flat else self.values("fast")
-        return [torch.linalg.vector_norm(t, float("inf")) for t in theta if t.numel()]
+        return [torch.view_as_real(t) if t.is_complex() else t for t in theta if t.numel()]
+
+    def finite(self) -> Tensor | None:
+        """Exactly whether theta is all finite, as a 0-dim bool on its device (None: no elements),
+        from its min and max: nan and inf propagate and nothing overflows (a sum of squares would)."""
+        ends = [m for t in self.theta() for m in torch.aminmax(t)]
+        return torch.isfinite(torch.stack(ends)).all() if ends else None
 
     def measure(self, theta: list[Tensor], phi: list[Tensor]) -> None:
         if self.stats is not None:  # on the block just brought into cache
@@ -261,24 +267,40 @@ class SlowWeights:
         if not self.buckets:  # an optimizer whose parameters are all frozen (for now)
             return SyncStats(applied=True)
         device = local(self.params[0]).device
-        parts = [m for b in self.buckets for m in b.max_abs()]
-        if len(parts) == 1:
-            bad = ~torch.isfinite(parts[0])
-        else:  # isfinite per part: a float64 maximum cast to float32 could overflow
-            bad = torch.zeros((), device=device) if not parts else (~torch.stack([torch.isfinite(m).to(device) for m in parts])).any()
-        if any(self.sharded):  # every rank must take the same branch
-            bad = all_reduce_sum(bad.float())
         if measure:
             for b in self.buckets:
                 b.stats = [torch.zeros((), device=device), torch.zeros((), device=device)]
         if device_side and self.outer.device_side and device.type in DEVICE_SIDE:
-            ok = bad == 0
+            ok = self._finite(device)
             self.outer.apply_masked(self.buckets, ok)
             return self._stats(ok, None)
-        if bool(bad):  # the one host read of a sync
+        if not self._probably_finite(device) and not bool(self._finite(device)):  # host reads
+            for b in self.buckets:
+                b.stats = None
             return SyncStats(applied=False)
         step = self.outer.apply(self.buckets)
         return self._stats(True, step)
+
+    def _probably_finite(self, device: torch.device) -> bool:
+        """True only if theta is all finite: a finite sum has finite terms (inf and nan propagate).
+        One cheap reduction and one host read; a non-finite sum (a real inf/nan, or an overflow of
+        huge finite values) is decided exactly by :meth:`_finite`."""
+        theta = [t for b in self.buckets for t in b.theta()]
+        if any(t.dtype in _HALF for t in theta):
+            return False  # a half-precision sum overflows at ordinary sizes: decide exactly at once
+        sums = [t.sum() for t in theta]  # in the tensor's dtype: a float64 accumulation measured 10x slower
+        total = sums[0] if len(sums) == 1 else torch.stack([s.to(device, torch.float64) for s in sums]).sum() if sums else None
+        if any(self.sharded):  # every rank must take the same branch (a rank may hold empty shards only)
+            total = all_reduce_sum(total if total is not None else torch.zeros((), dtype=torch.float64, device=device))
+        return total is None or math.isfinite(total.item())
+
+    def _finite(self, device: torch.device) -> Tensor:
+        """Exactly whether theta is all finite, a 0-dim bool on ``device`` (all-reduced with shards)."""
+        parts = [ok.to(device) for b in self.buckets if (ok := b.finite()) is not None]
+        ok = parts[0] if len(parts) == 1 else torch.stack(parts).all() if parts else torch.ones((), dtype=torch.bool, device=device)
+        if any(self.sharded):
+            ok = all_reduce_sum((~ok).float()) == 0
+        return ok
 
     def _stats(self, applied: bool | Tensor, step: Tensor | None) -> SyncStats:
         measured = [b.stats for b in self.buckets if b.stats is not None]

@@ -6,7 +6,7 @@ training on its own DistributedSampler shard (global batch 64 = 2 x 32), SGD(lr 
 
 * ``ddp``: DistributedDataParallel's gradient all-reduce at every step (bytes measured with a
   DDP comm hook that counts each bucket it all-reduces);
-* ``avg``: local SGD with plain averaging (``LocalSGDLookahead`` with alpha=1: no outer step);
+* ``avg``: local SGD with plain averaging (``Lookahead(before_sync=WeightAverager())`` with alpha=1: no outer step);
 * ``lookahead``: local SGD, then the Lookahead slow step (alpha=0.5);
 * ``diloco``: local SGD, then DiLoCo's outer step (alpha=0.7, Nesterov momentum 0.9);
 
@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # mnist.py
 from mnist import LitCNN, MNISTDataModule  # noqa: E402
 
-from lightning_lookahead.local_sgd import LocalSGDLookahead, disable_ddp_sync  # noqa: E402
+from lightning_lookahead import Lookahead  # noqa: E402
+from lightning_lookahead.local_sgd import WeightAverager, disable_ddp_sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {  # name: (alpha, outer momentum); None: ordinary DDP
@@ -94,7 +95,7 @@ def run_one(method: str, k: int, seed: int, steps: int, dm: MNISTDataModule, wor
         ddp.register_comm_hook(None, hook)
     else:
         alpha, mu = METHODS[method]
-        la = LocalSGDLookahead(k=k, alpha=alpha, outer_momentum=mu, measure_distance=False)
+        la = Lookahead(k=k, alpha=alpha, outer_momentum=mu, before_sync=WeightAverager())
         la.attach([opt], net)
     sampler = DistributedSampler(dm.train_set, world, dist.get_rank(), shuffle=True, seed=seed)
     batches = _batches(DataLoader(dm.train_set, batch_size=32, sampler=sampler), sampler)
@@ -111,7 +112,8 @@ def run_one(method: str, k: int, seed: int, steps: int, dm: MNISTDataModule, wor
         assert la.steps == [steps] and la.syncs == steps // k
         la.detach()
         la.use_slow()  # phi, replicated; equal to the fast weights right after the last sync
-        counted[0] = la.allreduce_bytes
+        assert isinstance(la.before_sync, WeightAverager)
+        counted[0] = la.before_sync.allreduce_bytes
     val_loss, val_acc = _evaluate(net, DataLoader(dm.val_set, batch_size=500))
     return dict(
         method=method, k=k if la is not None else 1, seed=seed, steps=steps, val_loss=round(val_loss, 5),
