@@ -124,6 +124,7 @@ class LookaheadCallback(Callback):
         self.check_ranks_every = check_optional_int("check_ranks_every", check_ranks_every)
         self._reset_run_state()
         self._stage: str | None = None
+        self._dropped = False  # our state was dropped when a checkpoint was loaded after fit
         self._warned: set[str] = set()
 
     def _reset_run_state(self) -> None:
@@ -172,6 +173,7 @@ class LookaheadCallback(Callback):
         if stage != "fit":
             return
         self.lookahead.detach()
+        self._dropped = False
         self.lookahead = self._new_core()  # every fit starts from the module's current weights...
         self._reset_run_state()  # ...unless a checkpoint is restored below
         for cb in trainer.checkpoint_callbacks:
@@ -545,6 +547,13 @@ class LookaheadCallback(Callback):
             # before this fit's first training step (a tuner saving its rollback point): resuming
             # from here starts Lookahead afresh, which is what this marker says
             checkpoint[CHECKPOINT_KEY] = {"layout": NOT_STARTED}
+        elif self._dropped:
+            self._warn_once(
+                "dropped",
+                "Lookahead: this checkpoint holds weights loaded after fit (e.g. test(ckpt_path=...)), without"
+                " Lookahead's fast weights and counters, which belonged to the replaced weights: fine for"
+                " deployment, but fit(ckpt_path=...) from it starts a new Lookahead run.",
+            )
         elif self._stage is None:
             # e.g. the main process after strategy="ddp_spawn": fit ran in worker processes, and
             # Lightning copies back only the module's weights (the slow ones)
@@ -561,18 +570,15 @@ class LookaheadCallback(Callback):
             # evaluation: checkpoint["state_dict"] already holds the slow weights. It replaced the
             # module's, which were ours after fit: our fast weights and counters belong to other
             # weights now, and a later trainer.save_checkpoint must not pair them with these.
+            # Nothing is wrong (fit, then test(ckpt_path="best") is the common flow): say so only
+            # if such a checkpoint is saved later, when it matters (_save_unattached).
             if self.attached:
                 self.lookahead.detach()
                 self.lookahead = self._new_core()
                 self._reset_run_state()
-                self._warn_once(
-                    "forgotten",
-                    "Lookahead: a checkpoint was loaded into the module after fit; the callback drops its fast"
-                    " weights and counters (they belonged to the replaced weights), so a checkpoint saved now"
-                    " holds these weights without Lookahead state.",
-                )
+                self._dropped = True
             return
-        entry = checkpoint.get(CHECKPOINT_KEY)
+        entry = _checked_entry(checkpoint.get(CHECKPOINT_KEY))
         if entry is None or entry.get("layout") == NOT_STARTED:
             if entry is None and not self.attached:
                 rank_zero_warn(
@@ -630,6 +636,32 @@ def _state_dict_keys(module: torch.nn.Module, state: dict[str, Any]) -> dict[str
 
 
 _TENSOR_ENTRIES = ("fast", "slow_moments", "momentum", "outer_state")  # of checkpoint["lookahead"]
+_LAYOUTS = (None, "sharded", NOT_STARTED)  # checkpoint["lookahead"]["layout"]: None is the plain layout
+
+
+def _checked_entry(entry: Any) -> dict[str, Any] | None:
+    """checkpoint["lookahead"], checked for what can be checked before the parameters exist (names
+    and shapes are checked by the core when it loads them): a clear error, never a silent misread."""
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise ValueError(f"Lookahead: checkpoint[{CHECKPOINT_KEY!r}] must be a dict, got {type(entry).__name__}")
+    if entry.get("layout") not in _LAYOUTS:
+        raise ValueError(
+            f"Lookahead: checkpoint[{CHECKPOINT_KEY!r}]['layout'] is {entry.get('layout')!r}, which this version"
+            f" does not know (known: {[x for x in _LAYOUTS if x]} or absent); was it written by a newer version?"
+        )
+    if entry.get("layout") is None:
+        for key in _TENSOR_ENTRIES:
+            value = entry.get(key, {})
+            if not isinstance(value, dict) or not all(isinstance(v, (torch.Tensor, dict)) for v in value.values()):
+                raise ValueError(
+                    f"Lookahead: checkpoint[{CHECKPOINT_KEY!r}][{key!r}] must map parameter names to tensors,"
+                    f" got {value!r:.120}"
+                )
+        if "fast" not in entry:
+            raise ValueError(f"Lookahead: checkpoint[{CHECKPOINT_KEY!r}] has no 'fast' weights")
+    return entry
 
 
 class _InTrainerCallbacks:

@@ -55,7 +55,8 @@ def check_optional_int(name: str, value: Any) -> int | None:
 
 def _is_bool(value: Any) -> bool:
     """Python and numpy bools (numpy ints and floats are numbers.Integral/Real already)."""
-    return isinstance(value, bool) or type(value).__name__ == "bool_"
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -475,6 +475,7 @@ class Lookahead:
         in the run that saved it).
         """
         fast = dict(tensors["fast"])
+        self._check_saved_tensors(fast)
         saved_moments = tensors.get("slow_moments", {}) if self.inner_state == "pullback" else {}
         for i, g in enumerate(self.groups):
             new = self._claim(i, only=frozenset(fast))
@@ -488,6 +489,28 @@ class Lookahead:
                 live = inner.first_moment(opt, p) if name in saved_moments else None
                 if live is not None:  # our slow moment takes the live buffer's layout (device, shards)
                     moments[name] = reshard_like(live, saved_moments[name]).clone()
+
+    def _check_saved_tensors(self, fast: Mapping[str, Any]) -> None:
+        """Saved fast weights must name parameters of the module, with their shapes, and cover every
+        parameter the attached optimizers train now (a ``ValueError`` naming the entry otherwise)."""
+        params = dict(self._module.named_parameters())
+        for name, t in fast.items():
+            p = params.get(name)
+            if p is None:
+                raise ValueError(f"Lookahead: the saved fast weights name {name!r}, which is not a parameter of the module")
+            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"Lookahead: the saved fast weights of {name!r} have shape {tuple(getattr(t, 'shape', ()))},"
+                    f" the parameter {tuple(p.shape)}"
+                )
+        trained = [self._names[p] for opt in self.optimizers for g in opt.param_groups for p in g["params"]
+                   if p.requires_grad and p in self._names]
+        missing = [n for n in trained if n not in fast]
+        if missing:
+            raise ValueError(
+                f"Lookahead: the saved fast weights lack {len(missing)} parameter(s) that the optimizers train, e.g."
+                f" {missing[:5]}; the checkpoint does not belong to this model (or was damaged)"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly, ``torch.optim`` style (see :meth:`load_state_dict`).
