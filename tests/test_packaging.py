@@ -146,11 +146,12 @@ def test_one_version_source():
 
 
 # --------------------------------------------------------------------------- packaged Hydra configs
-def _write_user_app(app: Path) -> None:
+def _write_user_app(app: Path, entry: str = "lookahead: default") -> None:
     """A user's Hydra app that knows nothing of this repository; the callback configs come from the package.
 
     ``conf/`` is laid out like lightning-hydra-template: its own callbacks/default.yaml lists a checkpoint
-    and a model summary and selects the package's ``lookahead: default``; experiment/snoo.yaml overrides
+    and a model summary and selects the package's Lookahead (``entry``: the group ``lookahead: default``,
+    or ``lookahead``, the file callbacks/lookahead.yaml, the form documented first); experiment/snoo.yaml overrides
     that entry as the template's experiment configs do. ``minimal/`` (``--config-path minimal``) selects
     ``callbacks: lookahead``: Lookahead alone, the app has no callbacks/default.yaml of its own."""
     files = {
@@ -173,10 +174,10 @@ def _write_user_app(app: Path) -> None:
               searchpath:
                 - {SEARCHPATH}
             """,
-        "conf/callbacks/default.yaml": """\
+        "conf/callbacks/default.yaml": f"""\
             defaults:
               - model_checkpoint
-              - lookahead: default
+              - {entry}
               - model_summary
               - _self_
 
@@ -249,11 +250,12 @@ def _write_user_app(app: Path) -> None:
     )
 
 
-@pytest.fixture
-def user_app(tmp_path):
+@pytest.fixture(params=["lookahead: default", "lookahead"], ids=["group", "file"])
+def user_app(tmp_path, request):
     """compose(config_path, *overrides): the callbacks node of the user app of :func:`_write_user_app`
-    (config_path "conf" or "minimal"), composed on this checkout's package."""
-    _write_user_app(tmp_path)
+    (config_path "conf" or "minimal"), composed on this checkout's package; its callbacks/default.yaml
+    selects Lookahead as the group (`- lookahead: default`) or as the file (`- lookahead`)."""
+    _write_user_app(tmp_path, request.param)
 
     def _compose(config_path: str, *overrides: str):
         with initialize_config_dir(config_dir=str(tmp_path / config_path), version_base="1.3"):
@@ -267,7 +269,9 @@ def _others(callbacks) -> dict:
     return {name: node for name, node in OmegaConf.to_container(callbacks).items() if name != "lookahead"}
 
 
-PACKAGED_LOOKAHEAD = {name: OmegaConf.load(CONF / "callbacks" / "lookahead" / f"{name}.yaml") for name in ("default", "snoo")}
+def _packaged(preset: str):
+    """The `lookahead` entry as the package's callbacks/lookahead/<preset>.yaml writes it."""
+    return OmegaConf.load(CONF / "callbacks" / "lookahead" / f"{preset}.yaml")
 
 
 def test_packaged_configs_compose_in_a_user_app(user_app):
@@ -275,14 +279,14 @@ def test_packaged_configs_compose_in_a_user_app(user_app):
     group, and an app whose callbacks node is Lookahead alone (`callbacks: lookahead`) still composes."""
     default = user_app("conf")
     assert list(default) == ["model_checkpoint", "lookahead", "model_summary"]
-    assert default.lookahead == PACKAGED_LOOKAHEAD["default"]
+    assert default.lookahead == _packaged("default")
     assert default.model_checkpoint.monitor == "val/acc"
     assert user_app("conf", "callbacks.lookahead.k=7").lookahead.k == 7
-    assert user_app("minimal") == {"lookahead": PACKAGED_LOOKAHEAD["default"]}
+    assert user_app("minimal") == {"lookahead": _packaged("default")}
     for override in ("callbacks=no_lookahead", "callbacks/lookahead=none"):
         assert user_app("minimal", override) == {"lookahead": None}
     for override in ("callbacks=snoo", "callbacks/lookahead=snoo"):
-        assert user_app("minimal", override) == {"lookahead": PACKAGED_LOOKAHEAD["snoo"]}
+        assert user_app("minimal", override) == {"lookahead": _packaged("snoo")}
 
 
 @pytest.mark.parametrize(
@@ -305,7 +309,7 @@ def test_user_app_swaps_only_the_lookahead_entry(user_app, overrides, k):
     assert _others(callbacks) == _others(default)
     assert (callbacks.get("lookahead") or {}).get("k") == k
     if overrides == ["callbacks/lookahead=snoo"]:
-        assert callbacks.lookahead == PACKAGED_LOOKAHEAD["snoo"]
+        assert callbacks.lookahead == _packaged("snoo")
 
 
 def test_user_app_sweep_has_the_same_other_callbacks(user_app):
@@ -326,13 +330,13 @@ def test_user_app_without_lookahead_fails_clearly_or_appends(user_app):
     from hydra.errors import ConfigCompositionException
 
     default = user_app.conf / "callbacks" / "default.yaml"
-    default.write_text(default.read_text().replace("  - lookahead: default\n", ""))
+    default.write_text(default.read_text().replace("  - lookahead: default\n", "").replace("  - lookahead\n", ""))
     assert "lookahead" not in user_app("conf")
     for override in ("callbacks=snoo", "callbacks/lookahead=snoo", "callbacks=no_lookahead"):
         with pytest.raises(ConfigCompositionException, match="Could not override 'callbacks/lookahead'"):
             user_app("conf", override)
     appended = user_app("conf", "+callbacks/lookahead=snoo")
-    assert appended.lookahead == PACKAGED_LOOKAHEAD["snoo"] and appended.model_checkpoint.monitor == "val/acc"
+    assert appended.lookahead == _packaged("snoo") and appended.model_checkpoint.monitor == "val/acc"
 
 
 def _copy_source(dst: Path) -> Path:
