@@ -276,17 +276,23 @@ def _packaged(preset: str):
 
 def test_packaged_configs_compose_in_a_user_app(user_app):
     """Fast check on this checkout: the user app's callbacks/default.yaml finds the package's callbacks/lookahead
-    group, and an app whose callbacks node is Lookahead alone (`callbacks: lookahead`) still composes."""
+    group, and an app whose callbacks node is Lookahead alone (`callbacks: lookahead`) picks the entry with
+    the same group; there the whole-node forms (`callbacks=snoo`, which mean "callbacks/default.yaml with
+    the entry swapped") stop with Hydra's message instead of composing something else."""
+    from hydra.errors import MissingConfigException
+
     default = user_app("conf")
     assert list(default) == ["model_checkpoint", "lookahead", "model_summary"]
     assert default.lookahead == _packaged("default")
     assert default.model_checkpoint.monitor == "val/acc"
     assert user_app("conf", "callbacks.lookahead.k=7").lookahead.k == 7
     assert user_app("minimal") == {"lookahead": _packaged("default")}
-    for override in ("callbacks=no_lookahead", "callbacks/lookahead=none"):
-        assert user_app("minimal", override) == {"lookahead": None}
-    for override in ("callbacks=snoo", "callbacks/lookahead=snoo"):
-        assert user_app("minimal", override) == {"lookahead": _packaged("snoo")}
+    assert user_app("minimal", "callbacks/lookahead=none") == {"lookahead": None}
+    assert user_app("minimal", "callbacks/lookahead=snoo") == {"lookahead": _packaged("snoo")}
+    assert user_app("minimal", "callbacks.lookahead.k=7") == {"lookahead": {**_packaged("default"), "k": 7}}
+    for override in ("callbacks=snoo", "callbacks=no_lookahead"):
+        with pytest.raises(MissingConfigException, match=f"In 'callbacks/{override[10:]}': Could not load 'callbacks/default'"):
+            user_app("minimal", override)
 
 
 @pytest.mark.parametrize(
@@ -406,8 +412,8 @@ def test_wheel_installs_into_a_fresh_venv_and_its_configs_compose(tmp_path_facto
         "model_summary: ModelSummary",
     ] * 3
 
-    # 4. an app whose callbacks node is Lookahead alone: the flat forms, from the package's fallback default
-    proc = _run([str(python), "app.py", "--config-path", "minimal", "--multirun", "callbacks=lookahead,snoo,no_lookahead"],
+    # 4. an app whose callbacks node is Lookahead alone (`callbacks: lookahead`): the same group picks the entry
+    proc = _run([str(python), "app.py", "--config-path", "minimal", "--multirun", "callbacks/lookahead=default,snoo,none"],
                 cwd=app, env=offline)  # fmt: skip
     assert [line for line in proc.stdout.splitlines() if line.startswith(("lookahead: ", "model_"))] == [
         "lookahead: LookaheadCallback k=5 alpha=0.5 outer_momentum=0.0",
