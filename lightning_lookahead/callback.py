@@ -13,8 +13,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_lookahead import distributed, inner_state, local_sgd
+from lightning_lookahead.config import LookaheadConfig, OnNonFinite, check_bool, check_choice, check_optional_int
 from lightning_lookahead.inner_state import InnerState
-from lightning_lookahead.lookahead import Lookahead, OnNonFinite, check_bool, check_choice, check_optional_int
+from lightning_lookahead.lookahead import Lookahead
+from lightning_lookahead.outer import OuterOptimizerFactory
 
 EvalWeights = Literal["slow", "fast"]
 CHECKPOINT_KEY = "lookahead"  # top-level checkpoint entry with the fast weights (not the callback state)
@@ -53,6 +55,11 @@ class LookaheadCallback(Callback):
             outer step (Douillard et al., 2023); ``nesterov=False`` is SlowMo's heavy ball. Costs one
             more copy of the trained parameters (the buffer, saved in checkpoints with the fast weights).
         nesterov: Nesterov (default) or heavy-ball momentum; only used when ``outer_momentum > 0``.
+        outer_optimizer: any optimizer as the slow step: a factory over the slow weights, stepped on
+            phi with gradient ``phi - theta`` (torchft's DiLoCo outer step), e.g.
+            ``functools.partial(torch.optim.Adam, lr=1e-3)`` or, in Hydra, a ``_target_`` with
+            ``_partial_: true``. ``alpha`` and ``outer_momentum`` must then stay at their defaults.
+            Its state is checkpointed by parameter name (not with FSDP2: refused there).
         eval_weights: ``"slow"`` (default) or ``"fast"``: which weights validation sees during fit.
         on_nonfinite: ``"warn"`` (once) or ``"raise"`` when the fast weights hold inf/nan at a
             sync; the sync is skipped either way and the slow weights are never contaminated.
@@ -62,12 +69,11 @@ class LookaheadCallback(Callback):
             with one collective, and raise :class:`~lightning_lookahead.RankMismatchError` on
             every rank on a mismatch; ``None`` never.
         log_stats: log ``lookahead/syncs``, ``lookahead/rel_distance``
-            (:math:`\|\theta-\phi\|/\|\phi\|` before the latest sync) and, with outer momentum,
+            (:math:`\|\theta-\phi\|/\|\phi\|` before the latest sync) and, with an outer optimizer,
             ``lookahead/rel_outer_step`` (:math:`\|\phi_{new}-\phi\|/\|\phi\|`) at the Trainer's logging
-            cadence (``log_every_n_steps``), only when a sync happened since the last row. Measuring
-            the distance costs two extra passes over the parameters per sync, so it is only
-            measured when the Trainer has a logger; ``False`` (or no logger) takes the lean sync
-            path (about 40% less memory traffic per sync).
+            cadence (``log_every_n_steps``), only when a sync happened since the last row. The
+            distance is measured only on the syncs whose value reaches a row (the last one before
+            it), and only when the Trainer has a logger or ``prog_bar=True``.
         local_sgd: under DDP with several processes, local SGD: each rank trains its own fast weights
             on its own data with DDP's gradient all-reduce and buffer broadcast turned off, and every
             sync first averages the fast weights and floating buffers over the ranks (one all-reduce
@@ -106,15 +112,14 @@ class LookaheadCallback(Callback):
         nesterov: bool = True,
         local_sgd: bool = False,
         prog_bar: bool = False,
+        outer_optimizer: OuterOptimizerFactory | None = None,
     ) -> None:
+        self.config = LookaheadConfig(k, alpha, inner_state, on_nonfinite, outer_momentum, nesterov, outer_optimizer)
         self.log_stats = check_bool("log_stats", log_stats)
         self.local_sgd = check_bool("local_sgd", local_sgd)
         self.prog_bar = check_bool("prog_bar", prog_bar)
         self._local_active = False  # local_sgd and a multi-process DDP fit (decided at setup)
-        self.lookahead = Lookahead(k, alpha, inner_state, on_nonfinite, log_stats, outer_momentum, nesterov)  # validates
-        self.k, self.alpha = self.lookahead.k, self.lookahead.alpha
-        self.outer_momentum, self.nesterov = self.lookahead.outer_momentum, self.lookahead.nesterov
-        self.inner_state, self.on_nonfinite = self.lookahead.inner_state, self.lookahead.on_nonfinite
+        self.lookahead = Lookahead(config=self.config, measure_distance=False)
         self.eval_weights: EvalWeights = check_choice("eval_weights", eval_weights, ("slow", "fast"))  # type: ignore[assignment]
         self.check_ranks_every = check_optional_int("check_ranks_every", check_ranks_every)
         self._reset_run_state()
@@ -129,11 +134,18 @@ class LookaheadCallback(Callback):
         self._published = False  # lookahead/syncs is in trainer.callback_metrics since the last attach
         self._batches = 0  # training batches this fit, identical on every rank (the rank-check clock)
 
+    # the settings as attributes: the validated config's values
+    k = property(lambda self: self.config.k)
+    alpha = property(lambda self: self.config.alpha)
+    inner_state = property(lambda self: self.config.inner_state)
+    on_nonfinite = property(lambda self: self.config.on_nonfinite)
+    outer_momentum = property(lambda self: self.config.outer_momentum)
+    nesterov = property(lambda self: self.config.nesterov)
+    outer_optimizer = property(lambda self: self.config.outer_optimizer)
+
     def _new_core(self) -> Lookahead:
-        core = local_sgd.LocalSGDLookahead if self._local_active else Lookahead
-        return core(
-            self.k, self.alpha, self.inner_state, self.on_nonfinite, self.log_stats, self.outer_momentum, self.nesterov
-        )
+        averager = local_sgd.WeightAverager() if self._local_active else None
+        return Lookahead(config=self.config, before_sync=averager)
 
     @property
     def attached(self) -> bool:
@@ -163,7 +175,7 @@ class LookaheadCallback(Callback):
         self.lookahead = self._new_core()  # every fit starts from the module's current weights...
         self._reset_run_state()  # ...unless a checkpoint is restored below
         for cb in trainer.checkpoint_callbacks:
-            if _is(cb, "callbacks", "ModelCheckpoint") and cb.save_weights_only:  # type: ignore[attr-defined]
+            if _is_lightning(cb, "callbacks", "ModelCheckpoint") and cb.save_weights_only:  # type: ignore[attr-defined]
                 rank_zero_warn(
                     "ModelCheckpoint(save_weights_only=True) skips callback hooks, so its checkpoints hold"
                     " the fast weights and cannot resume Lookahead; use save_weights_only=False."
@@ -183,11 +195,12 @@ class LookaheadCallback(Callback):
         if self._local_active and trainer.strategy.model is not None:
             local_sgd.check_ddp_module(trainer.strategy.model)
         self.lookahead.attach(trainer.optimizers, pl_module, claim)
-        self.lookahead.gate = _Listed(self, trainer)
-        # the distance costs extra passes per sync: measure it only if someone will see it. With
+        self.lookahead.gate = _InTrainerCallbacks(self, trainer)
+        # the distance costs extra passes per sync: measure it only where a row will show it. With
         # shards it needs a collective, so there it must not depend on a per-rank logger choice.
         sharded = any(any(g.sharded) for g in self.lookahead.groups)
-        self.lookahead.measure_distance = self.log_stats and (bool(trainer.loggers) or self.prog_bar or sharded)
+        if self.log_stats and (bool(trainer.loggers) or self.prog_bar or sharded):
+            self.lookahead.measure_distance = _RowAhead(self, trainer)
         self._apply_pending(trainer)
 
     def _apply_pending(self, trainer: Trainer) -> None:
@@ -205,6 +218,8 @@ class LookaheadCallback(Callback):
         if state is not None:
             self.lookahead._load_counters(state)
         self._logged_syncs = self.lookahead.syncs + self.lookahead.skipped  # log only syncs from here on
+        if isinstance(self.lookahead.before_sync, local_sgd.WeightAverager):
+            self.lookahead.before_sync.start(sum(self.lookahead.steps))  # bytes per step of this fit
         self._published = False
 
     @property
@@ -222,9 +237,9 @@ class LookaheadCallback(Callback):
             self._restore_attached(trainer, pl_module)
         if self.lookahead.swapped:
             return  # evaluation in progress: the optimizers cannot step now
-        if self.lookahead.follow(trainer.optimizers):
+        if self.lookahead.replace_optimizers(trainer.optimizers):
             self._warn_once(
-                "follow",
+                "replaced",
                 "Lookahead: the Trainer's optimizers were replaced during fit; the slow weights carry over"
                 " by parameter name and the step counters by optimizer index.",
             )
@@ -255,6 +270,11 @@ class LookaheadCallback(Callback):
         if self._local_active and trainer.strategy.model is not None:  # before every forward: Lightning
             local_sgd.disable_ddp_sync(trainer.strategy.model)  # turns it back on under manual optimisation
 
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # optimizers re-created after on_train_batch_start (by a callback listed after this one) are
+        # followed before their first step, so that step counts
+        self._catch_up(trainer, pl_module)
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -270,14 +290,15 @@ class LookaheadCallback(Callback):
         and so must the step and sync counters. Runs at batch counts every rank reaches together."""
         names, tensors = [], []
         for g in self.lookahead.groups:
-            momentum = g.momentum_tensors()
+            outer = g.outer.state_by_name()
             for name, slow, sharded in zip(g.names, g.slow_tensors().values(), g.sharded):
                 if not sharded:
                     names.append(name)
                     tensors.append(slow)
-                    if name in momentum:
-                        names.append(f"{name} (outer momentum)")
-                        tensors.append(momentum[name])
+                    for key, t in outer.get(name, {}).items():
+                        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+                            names.append(f"{name} (outer momentum)" if key == "momentum_buffer" else f"{name} (outer {key})")
+                            tensors.append(t)
         la = self.lookahead
         counters = {f"step counter of optimizer {i}": s for i, s in enumerate(la.steps)}
         counters.update({"sync counter": la.syncs, "skipped-sync counter": la.skipped})
@@ -293,6 +314,8 @@ class LookaheadCallback(Callback):
         # since the last row, so nothing is read from the device on other steps.
         la = self.lookahead
         done = la.syncs + la.skipped
+        if done != self._logged_syncs and _should_log(trainer):
+            la.read_flags()  # device-side skip decisions (CUDA): read at rows, not at syncs
         if not self._published:  # the current count, so monitors find the key before the first row
             self._published = True
             self._to_callback_metrics(trainer, pl_module, {"lookahead/syncs": float(la.syncs)})
@@ -307,6 +330,8 @@ class LookaheadCallback(Callback):
                 continue
             suffix = f"/opt{i}" if multi else ""
             step = s.rel_step
+            if isinstance(s.applied, torch.Tensor) and not bool(s.applied):
+                continue  # skipped on the device: no distance to report
             if any(la.groups[i].sharded):  # shards: sum the squares over ranks first
                 assert s.d_sq is not None and s.phi_sq is not None  # measured with rel_distance
                 parts = [s.d_sq, s.phi_sq] + ([s.step_sq] if s.step_sq is not None else [])
@@ -316,8 +341,8 @@ class LookaheadCallback(Callback):
             metrics[f"lookahead/rel_distance{suffix}"] = float(rel)  # host read: log steps only
             if step is not None:
                 metrics[f"lookahead/rel_outer_step{suffix}"] = float(step)
-        if isinstance(la, local_sgd.LocalSGDLookahead):
-            metrics.update(la.comm_metrics())
+        if isinstance(la.before_sync, local_sgd.WeightAverager):
+            metrics.update(la.before_sync.comm_metrics(sum(la.steps)))
         row = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=row)
@@ -342,9 +367,13 @@ class LookaheadCallback(Callback):
         self._warn_if_unsynced("the end of training leaves the initial weights in the module")
         self._finish()
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.lookahead.read_flags()  # device-side skip decisions: warned or raised at the latest here
+
     def _finish(self) -> None:
         self.lookahead.detach()
         self.lookahead.use_slow()
+        self.lookahead.release()  # every parameter owns its storage again: nothing of the layout leaks
         self._eval_swapped = False
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -424,20 +453,17 @@ class LookaheadCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict or self._stage != "fit":  # Lightning restores callbacks for validate/test too
             return
-        names = ["k", "alpha", "inner_state", "outer_momentum"]
-        if self.outer_momentum or state_dict.get("outer_momentum"):  # nesterov means nothing without momentum
-            names.append("nesterov")
-        changed = {
-            name: state_dict.get(name, _FIRST_RELEASE.get(name))
-            for name in names
-            if state_dict.get(name, _FIRST_RELEASE.get(name)) != getattr(self, name)
-        }
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("steps"), list):
+            raise ValueError(
+                "Lookahead: the checkpoint's LookaheadCallback state is corrupted: expected a dict with a 'steps'"
+                f" list (one count per optimizer), 'syncs' and the settings; got {state_dict!r:.200}"
+            )
+        changed = self.config.changed_from(state_dict)
         if changed and not self.attached:  # a mid-fit restore (a tuner's rollback) is our own state
-            reset = " (the outer momentum buffer starts from zero)" if {"outer_momentum", "nesterov"} & set(changed) else ""
+            outer = "outer momentum buffer" if self.outer_optimizer is None else "outer optimizer's state"
+            reset = "" if self.config.same_outer_state(state_dict) else f" (the {outer} starts from zero)"
             rank_zero_warn(
-                f"Lookahead: the checkpoint was saved with {changed}; continuing with"
-                f" k={self.k}, alpha={self.alpha}, inner_state={self.inner_state!r},"
-                f" outer_momentum={self.outer_momentum}, nesterov={self.nesterov}{reset}."
+                f"Lookahead: the checkpoint was saved with {changed}; continuing with {self.config.saved()}{reset}."
             )
         self._pending_state = dict(state_dict)
 
@@ -477,6 +503,8 @@ class LookaheadCallback(Callback):
         fast = {n: out(t, params[n]) for n, t in tensors["fast"].items()}
         moments = {n: out(t, t) for n, t in tensors["slow_moments"].items()}
         momentum = {n: out(t, params[n]) for n, t in tensors["momentum"].items()}
+        outer_state = {n: {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                       for n, s in tensors["outer_state"].items()}  # never sharded: refused at attach
         if state:  # empty on ranks > 0 of a gathered state_dict
             keys = _state_dict_keys(pl_module, state)
             missing = [n for n in slow if n not in keys]
@@ -500,6 +528,8 @@ class LookaheadCallback(Callback):
             checkpoint[CHECKPOINT_KEY] = {"layout": "sharded"}
         elif keep:
             checkpoint[CHECKPOINT_KEY] = {"fast": fast, "slow_moments": moments, "momentum": momentum}
+            if outer_state:
+                checkpoint[CHECKPOINT_KEY]["outer_state"] = outer_state
         if self._local_active:  # every rank's own fast weights and optimizer state (a collective)
             per_rank = local_sgd.gather_rank_states(self.lookahead, trainer.optimizers)
             if per_rank is not None:
@@ -508,7 +538,7 @@ class LookaheadCallback(Callback):
     def _save_unattached(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
         if self._pending is not None and "fast" in self._pending:
             # restored from a checkpoint whose training loop never ran (a finished run): pass it on
-            checkpoint[CHECKPOINT_KEY] = {k: self._pending[k] for k in ("fast", "slow_moments", "momentum")}
+            checkpoint[CHECKPOINT_KEY] = {k: self._pending[k] for k in _TENSOR_ENTRIES}
             if self._pending.get(local_sgd.PER_RANK_KEY):
                 checkpoint[CHECKPOINT_KEY][local_sgd.PER_RANK_KEY] = self._pending[local_sgd.PER_RANK_KEY]
         elif self._stage == "fit":
@@ -556,7 +586,7 @@ class LookaheadCallback(Callback):
         elif entry.get("layout") == "sharded":
             self._pending = {"sharded_path": str(trainer.ckpt_path)}
         else:
-            self._pending = {k: entry.get(k, {}) for k in ("fast", "slow_moments", "momentum")}
+            self._pending = {k: entry.get(k, {}) for k in _TENSOR_ENTRIES}
             self._pending[local_sgd.PER_RANK_KEY] = entry.get(local_sgd.PER_RANK_KEY)
 
     def _load_sharded(self, path: str) -> dict[str, Any]:
@@ -577,7 +607,6 @@ class LookaheadCallback(Callback):
         }
 
 
-_FIRST_RELEASE = {"outer_momentum": 0.0, "nesterov": True}  # checkpoints of 0.1.0 lack these keys
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # dropped from state_dict keys by wrappers
 
 
@@ -600,7 +629,10 @@ def _state_dict_keys(module: torch.nn.Module, state: dict[str, Any]) -> dict[str
     return out
 
 
-class _Listed:
+_TENSOR_ENTRIES = ("fast", "slow_moments", "momentum", "outer_state")  # of checkpoint["lookahead"]
+
+
+class _InTrainerCallbacks:
     """Lookahead's step gate: true while the callback is in ``trainer.callbacks``. Lightning's LR
     and batch-size finders take the callbacks out while their trial loops step the optimizers."""
 
@@ -614,6 +646,30 @@ class _Listed:
 
     def __getstate__(self) -> dict[str, Any]:  # a weak reference does not pickle; a copy is ungated
         return {"callback": self.callback, "trainer": None}
+
+
+class _RowAhead:
+    """The core's ``measure_distance``: true at a sync whose distance reaches a logger row, i.e.
+    when the next row comes before this optimizer's next sync (always under manual optimisation,
+    where steps per batch are the module's choice). Depends on counters all ranks share."""
+
+    def __init__(self, callback: LookaheadCallback, trainer: Trainer) -> None:
+        self.k = callback.k
+        self.trainer: weakref.ref[Trainer] | None = weakref.ref(trainer)
+
+    def __call__(self, index: int) -> bool:
+        trainer = self.trainer() if self.trainer is not None else None
+        if trainer is None or trainer.fast_dev_run or not trainer.lightning_module.automatic_optimization:  # type: ignore[attr-defined]
+            return True
+        every = trainer.log_every_n_steps  # type: ignore[attr-defined]
+        if every == 0:
+            return False
+        row = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # the row counter at this batch's end
+        first_row = -(-row // every) * every  # the first row at or after this batch
+        return first_row < row + self.k  # before the next sync (k steps later) overwrites the stats
+
+    def __getstate__(self) -> dict[str, Any]:  # a weak reference does not pickle; a copy always measures
+        return {"k": self.k, "trainer": None}
 
 
 def _should_log(trainer: Trainer) -> bool:
@@ -631,7 +687,7 @@ def _should_log(trainer: Trainer) -> bool:
     return step % every == 0 or bool(trainer.fast_dev_run)  # type: ignore[attr-defined]
 
 
-def _is(obj: object, module: str, *names: str) -> bool:
+def _is_lightning(obj: object, module: str, *names: str) -> bool:
     """isinstance against Lightning classes of both namespaces (``lightning.pytorch.<module>`` and
     ``pytorch_lightning.<module>``); a namespace that was never imported cannot own ``obj``."""
     for root in ("lightning.pytorch", "pytorch_lightning"):
@@ -649,7 +705,7 @@ def _is(obj: object, module: str, *names: str) -> bool:
 
 def check_strategy(trainer: Trainer) -> None:
     """Refuse strategies whose parameter layout we cannot serve correctly (never run silently wrong)."""
-    if _is(trainer.strategy, "strategies", "FSDPStrategy", "DeepSpeedStrategy"):
+    if _is_lightning(trainer.strategy, "strategies", "FSDPStrategy", "DeepSpeedStrategy"):
         raise ValueError(
             f"LookaheadCallback does not support {type(trainer.strategy).__name__}: its flattened/partitioned"
             " parameters do not match the module's parameter names. Use strategy='ddp' or"
@@ -663,7 +719,7 @@ distributed_check_strategy = check_strategy  # the name of the first release
 def check_callbacks(trainer: Trainer) -> None:
     """Refuse callbacks that also own the module's weights at evaluation, at the end and in checkpoints."""
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
-        if _is(cb, "callbacks", "WeightAveraging", "StochasticWeightAveraging"):
+        if _is_lightning(cb, "callbacks", "WeightAveraging", "StochasticWeightAveraging"):
             raise ValueError(
                 f"LookaheadCallback cannot be combined with {type(cb).__name__}: both swap their own weights"
                 " into the module for validation, at the end of fit and in checkpoints, and neither can honour"

@@ -130,30 +130,38 @@ class RankMismatchError(RuntimeError):
 
 @torch.no_grad()
 def check_replicated(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
-    """Raise :class:`RankMismatchError` if replicated tensors differ across ranks.
+    """Raise :class:`RankMismatchError` unless replicated tensors are bit-identical across ranks.
 
-    One collective: every rank contributes ``[c, -c]`` per tensor (``c`` a float64 checksum) to
-    a MAX all-reduce, so all ranks learn ``max(c)`` and ``min(c)`` and raise together (no hang).
+    One collective: every rank contributes ``[c, -c]`` per tensor (``c`` two int64 checksums of
+    the tensor's bits: their sum and a position-weighted sum, so a 1-ulp change anywhere or two
+    swapped values show; complex tensors as their real and imaginary parts) to a MAX all-reduce,
+    so all ranks learn the max and min of each and raise together (no hang).
     """
     if world_size() == 1 or not tensors:
         return
-    sums = torch.stack([t.detach().double().sum() for t in tensors])
-    sq = torch.stack([t.detach().double().square().sum() for t in tensors])
-    checksum = sums + sq  # two moments: a single flipped value changes at least one
-    both = torch.cat([checksum, -checksum])
-    backend_device = _collective_device(tensors[0])
-    both = both.to(backend_device)
+    checksum = torch.stack([_bits_checksum(t) for t in tensors]).flatten()
+    both = torch.cat([checksum, -checksum]).to(_collective_device(tensors[0]))
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    hi, lo = both[: len(tensors)], -both[len(tensors) :]
-    bad = (hi != lo).nonzero().flatten().tolist()
+    hi, lo = both[: checksum.numel()].view(-1, 2), -both[checksum.numel() :].view(-1, 2)
+    bad = (hi != lo).any(dim=1).nonzero().flatten().tolist()
     if bad:
-        first = names[bad[0]]
         raise RankMismatchError(
-            f"Lookahead state differs across {world_size()} ranks; first differing entry:"
-            f" {first!r} (checksums range {lo[bad[0]].item():.17g}..{hi[bad[0]].item():.17g});"
+            f"Lookahead state differs across {world_size()} ranks; first differing entry: {names[bad[0]]!r};"
             f" {len(bad)} of {len(tensors)} entries differ: {[names[i] for i in bad[:6]]}."
             " Ranks must run identical updates."
         )
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits_checksum(t: Tensor) -> Tensor:
+    t = t.detach().cpu().contiguous()
+    if t.is_complex():
+        t = torch.view_as_real(t).contiguous()
+    bits = t.flatten().view(_INT_OF_SIZE[t.element_size()]).long()
+    weights = torch.arange(1, bits.numel() + 1, dtype=torch.long) % 1_000_003  # positions matter
+    return torch.stack([bits.sum(), (bits * weights).sum()])  # int64 wraps around deterministically
 
 
 def _collective_device(t: Tensor) -> torch.device:

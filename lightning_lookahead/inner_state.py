@@ -8,7 +8,7 @@ An optimizer whose state we do not recognise gets a clear error, never a silent 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -19,7 +19,6 @@ from lightning_lookahead._grouping import group_by_device_dtype, group_indices_b
 from lightning_lookahead.distributed import local
 
 InnerState = Literal["keep", "reset", "pullback"]
-INNER_STATES: tuple[str, ...] = ("keep", "reset", "pullback")
 
 # Per optimizer family: the first-moment key, and every state key with its "before first step"
 # value; None means "absent": a fresh SGD creates its buffer from the first gradient (buf = grad),
@@ -43,12 +42,6 @@ def _family(optimizer: Optimizer) -> tuple[str, dict[str, float | None]]:
         f"inner_state='reset'/'pullback' does not know the state of {type(optimizer).__name__};"
         f" supported: {supported}. Use inner_state='keep' for other optimizers."
     )
-
-
-def check_supported(optimizer: Optimizer, policy: InnerState) -> None:
-    """Raise ``ValueError`` now (at attach time) rather than misbehave at the first sync."""
-    if policy != "keep":
-        _family(optimizer)
 
 
 def _states(
@@ -119,3 +112,57 @@ def pullback(
         s, m = [slows[i] for i in idx], [live[i] for i in idx]
         torch._foreach_lerp_(s, m, alpha)
         torch._foreach_copy_(m, s)
+
+
+class InnerPolicy:
+    """What a sync does to the inner optimizers' state; ``keep`` (the paper's) does nothing.
+    A new policy is one subclass registered in ``INNER_POLICIES``."""
+
+    def check(self, optimizer: Optimizer) -> None:
+        """Raise ``ValueError`` at attach for an optimizer whose state this policy cannot handle."""
+
+    def start(self, optimizers: int) -> None:
+        """A new run (or new optimizers): forget what belonged to the previous ones."""
+
+    def after_sync(self, index: int, optimizer: Optimizer, named_params: Sequence[tuple[str, Tensor]], alpha: float) -> None:
+        """Called after an applied sync of optimizer ``index``."""
+
+    def slow_moments(self) -> list[dict[str, Tensor]]:
+        """Per optimizer, the slow state this policy owns (name -> tensor); empty for stateless ones."""
+        return []
+
+
+class KeepState(InnerPolicy):
+    """Leave the inner optimizer's state alone (Zhang et al.)."""
+
+
+class ResetState(InnerPolicy):
+    """Moments and step counts back to their values before the first step."""
+
+    def check(self, optimizer: Optimizer) -> None:
+        _family(optimizer)
+
+    def after_sync(self, index: int, optimizer: Optimizer, named_params: Sequence[tuple[str, Tensor]], alpha: float) -> None:
+        reset(optimizer, named_params)
+
+
+class PullbackState(InnerPolicy):
+    """First moments interpolated like the weights, against slow moments this policy owns."""
+
+    def __init__(self) -> None:
+        self.moments: list[dict[str, Tensor]] = []
+
+    def check(self, optimizer: Optimizer) -> None:
+        _family(optimizer)
+
+    def start(self, optimizers: int) -> None:
+        self.moments = [{} for _ in range(optimizers)]
+
+    def after_sync(self, index: int, optimizer: Optimizer, named_params: Sequence[tuple[str, Tensor]], alpha: float) -> None:
+        pullback(optimizer, named_params, self.moments[index], alpha)
+
+    def slow_moments(self) -> list[dict[str, Tensor]]:
+        return self.moments
+
+
+INNER_POLICIES: dict[str, type[InnerPolicy]] = {"keep": KeepState, "reset": ResetState, "pullback": PullbackState}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,9 @@ from torch.optim import Optimizer
 
 from lightning_lookahead._grouping import group_by_device_dtype
 from lightning_lookahead.distributed import _collective_device, local, rank, world_size
-from lightning_lookahead.lookahead import Lookahead
+
+if TYPE_CHECKING:
+    from lightning_lookahead.lookahead import Lookahead
 
 PER_RANK_KEY = "per_rank"  # checkpoint["lookahead"][PER_RANK_KEY]: one entry per rank, rank order
 
@@ -59,64 +61,45 @@ def floating_buffers(module: nn.Module) -> list[Tensor]:
     return [b for b in module.buffers() if b.is_floating_point()]
 
 
-class LocalSGDLookahead(Lookahead):
-    """:class:`~lightning_lookahead.Lookahead` whose every sync first averages the synced
-    optimizer's fast weights and the module's floating buffers over the ranks.
+class WeightAverager:
+    """Local SGD as a step before each Lookahead sync: the synced optimizer's fast weights and the
+    module's floating buffers are averaged over the ranks, then the ordinary slow step runs on the
+    average. Give it to the core as ``before_sync``:
 
-    Call :meth:`attach` on every rank with the same parameters; each rank then counts its own
-    optimizer steps, and every rank must take the same number of them (as under DDP), so the
-    averaging collectives line up. Between syncs nothing is communicated (turn the wrapper's own
-    gradient all-reduce off with :func:`disable_ddp_sync`). In a single process it is Lookahead.
+    Example::
 
-    :attr:`allreduce_bytes` counts the payload bytes all-reduced by the averaging since
-    :meth:`attach` (payload, not wire traffic: a ring all-reduce sends about twice that per rank).
+        la = Lookahead(k=16, alpha=0.5, before_sync=WeightAverager())
+        la.attach([optimizer], model)   # every rank; turn DDP's own all-reduce off (disable_ddp_sync)
+
+    Each rank counts its own optimizer steps, and every rank must take the same number of them (as
+    under DDP), so the averaging collectives line up. In a single process it does nothing.
+    :attr:`allreduce_bytes` counts the payload bytes all-reduced since :meth:`start` (payload, not
+    wire traffic: a ring all-reduce sends about twice that per rank).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self) -> None:
+        self.start(0)
+
+    def start(self, steps: int) -> None:
+        """Count bytes from here; ``steps``: the optimizer steps already taken (a resumed run)."""
         self.allreduce_bytes = 0
         self.allreduce_calls = 0  # syncs that all-reduced (each is one collective per dtype)
-        self._steps_at_start = 0
+        self.steps_at_start = steps
 
-    def attach(self, optimizers: Sequence[Optimizer], module: nn.Module, claim: Any = None) -> None:
-        super().attach(optimizers, module, claim)
-        self.allreduce_bytes = self.allreduce_calls = 0
-        self._steps_at_start = 0
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._steps_at_start = sum(self.steps)  # bytes per step count from here
-
-    def sync(self, index: int) -> bool:
-        self._adopt_new_parameters(index)  # new parameters join averaged, so phi starts replicated
-        fast = [local(p) for p in self.groups[index].params]
-        sent = average_(fast + floating_buffers(self._module))
+    def __call__(self, la: Lookahead, index: int) -> None:
+        fast = [local(p) for p in la.groups[index].params]
+        sent = average_(fast + floating_buffers(la.module))
         if sent:
             self.allreduce_bytes += sent
             self.allreduce_calls += 1
-        return super().sync(index)
 
-    def comm_metrics(self) -> dict[str, float]:
-        """``lookahead/allreduce_bytes`` (this fit) and ``lookahead/allreduce_bytes_per_step`` (per
-        optimizer step this fit, all optimizers together)."""
-        steps = sum(self.steps) - self._steps_at_start
+    def comm_metrics(self, steps: int) -> dict[str, float]:
+        """``lookahead/allreduce_bytes`` (since :meth:`start`) and ``lookahead/allreduce_bytes_per_step``
+        (per optimizer step since then, all optimizers together; ``steps``: all steps taken so far)."""
         return {
             "lookahead/allreduce_bytes": float(self.allreduce_bytes),
-            "lookahead/allreduce_bytes_per_step": self.allreduce_bytes / max(steps, 1),
+            "lookahead/allreduce_bytes_per_step": self.allreduce_bytes / max(steps - self.steps_at_start, 1),
         }
-
-
-def dense_bytes_per_step(optimizers: Sequence[Optimizer]) -> int:
-    """What DDP's gradient all-reduce moves per optimizer step (payload): the trainable parameters' bytes."""
-    seen: set[int] = set()
-    total = 0
-    for opt in optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    total += p.numel() * p.element_size()
-    return total
 
 
 # ---------------------------------------------------------------------------- DDP

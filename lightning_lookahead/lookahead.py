@@ -6,67 +6,34 @@ only maps Trainer hooks onto it.
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_lookahead import inner_state as inner
-from lightning_lookahead.distributed import like, reshard, reshard_like
-from lightning_lookahead.inner_state import INNER_STATES, InnerState
+from lightning_lookahead.config import (  # noqa: F401  (check_* are re-exported for the callback)
+    LookaheadConfig,
+    OnNonFinite,
+    check_bool,
+    check_choice,
+    check_optional_int,
+)
+from lightning_lookahead.distributed import is_sharded, like, local_from_saved, reshard, reshard_like
+from lightning_lookahead.inner_state import InnerState
+from lightning_lookahead.outer import OuterOptimizerFactory
 from lightning_lookahead.slow_weights import SlowWeights, SyncStats
 
-OnNonFinite = Literal["warn", "raise"]
-ON_NONFINITE: tuple[str, ...] = ("warn", "raise")
 STATE_VERSION = 1  # of Lookahead.state_dict()
 
 
 class NonFiniteError(FloatingPointError):
     """The fast weights held inf/nan at a sync and ``on_nonfinite="raise"`` was chosen."""
-
-
-def check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"Lookahead `k` must be an int >= 1 (optimizer steps per sync), got {k!r}")
-    return int(k)
-
-
-def check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or not 0 < float(alpha) <= 1:
-        raise ValueError(f"Lookahead `alpha` must be a finite float in (0, 1], got {alpha!r}")
-    return float(alpha)
-
-
-def check_outer_momentum(mu: Any) -> float:
-    if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu) or not 0 <= float(mu) < 1:
-        raise ValueError(f"Lookahead `outer_momentum` must be a finite float in [0, 1), got {mu!r}")
-    return float(mu)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"Lookahead `{name}` must be a bool, got {value!r}")
-    return value
-
-
-def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"Lookahead `{name}` must be one of {list(allowed)}, got {value!r}")
-    return value
-
-
-def check_optional_int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"Lookahead `{name}` must be None or an int >= 1, got {value!r}")
-    return int(value)
 
 
 # Wrappers that put their module under an attribute: Fabric (and Lightning's strategies) under
@@ -113,16 +80,21 @@ class Lookahead:
     own AMP handling such as ``fused=True``, calls it with ``found_inf`` set, which the hook
     checks), and after every
     ``k``-th step of an optimizer syncs that optimizer's parameters:
-    ``phi <- phi + alpha (theta - phi); theta <- phi``. With ``measure_distance`` each sync also
-    records ``||theta - phi|| / ||phi||`` in :attr:`last_stats` (two more passes over the weights).
+    ``phi <- phi + alpha (theta - phi); theta <- phi``. With ``measure_distance`` (a bool, or a
+    function of the optimizer index asked at each sync) a sync also records ``||theta - phi|| / ||phi||``
+    in :attr:`last_stats`, computed on each cache block while it is in cache.
 
     That slow step is SGD with learning rate ``alpha`` on the pseudo-gradient ``phi - theta``.
     ``outer_momentum=mu > 0`` adds momentum to it: a buffer ``b <- mu b + (phi - theta)``, then
     ``phi <- phi - alpha ((phi - theta) + mu b)`` with ``nesterov=True`` (SNOO, Kallusky et al.
     2025; the outer step of DiLoCo, Douillard et al. 2023, with alpha=0.7, mu=0.9) or
     ``phi <- phi - alpha b`` with ``nesterov=False`` (SlowMo's heavy ball, Wang et al. 2020). This
-    is exactly ``torch.optim.SGD(lr=alpha, momentum=mu, nesterov=...)`` stepped on ``phi``; it
-    keeps one more copy of the trained parameters. ``mu=0`` is plain Lookahead, bit for bit.
+    is ``torch.optim.SGD(lr=alpha, momentum=mu, nesterov=...)`` stepped on ``phi`` (that very
+    optimizer); it keeps one more copy of the trained parameters. ``mu=0`` is plain Lookahead.
+    ``outer_optimizer`` injects any other: a factory over the slow weights, e.g.
+    ``functools.partial(torch.optim.Adam, lr=1e-3)`` (then ``alpha``/``outer_momentum`` stay at
+    their defaults). During training the parameters of each (device, dtype) are views of one flat
+    buffer (so a sync is a few flat ops); :meth:`release` gives them their own storage back.
 
     Example:
         >>> import torch
@@ -145,29 +117,70 @@ class Lookahead:
         alpha: float = 0.5,
         inner_state: InnerState = "keep",
         on_nonfinite: OnNonFinite = "warn",
-        measure_distance: bool = True,
+        measure_distance: bool | Callable[[int], bool] = False,
         outer_momentum: float = 0.0,
         nesterov: bool = True,
+        outer_optimizer: OuterOptimizerFactory | None = None,
+        *,
+        config: LookaheadConfig | None = None,
+        before_sync: Callable[[Lookahead, int], None] | None = None,
     ) -> None:
-        self.k = check_k(k)
-        self.measure_distance = measure_distance  # ||theta - phi|| / ||phi|| at each sync (2 more passes)
-        self.alpha = check_alpha(alpha)
-        self.outer_momentum = check_outer_momentum(outer_momentum)
-        self.nesterov = check_bool("nesterov", nesterov)
-        self.inner_state: InnerState = check_choice("inner_state", inner_state, INNER_STATES)  # type: ignore[assignment]
-        self.on_nonfinite: OnNonFinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)  # type: ignore[assignment]
+        # all settings are validated once, by LookaheadConfig; ``config`` replaces the arguments
+        self.config = config or LookaheadConfig(k, alpha, inner_state, on_nonfinite, outer_momentum, nesterov, outer_optimizer)
+        if not callable(measure_distance):
+            measure_distance = check_bool("measure_distance", measure_distance)
+        # ||theta - phi|| / ||phi|| at a sync of optimizer i when this is true (or returns true for i)
+        self.measure_distance = measure_distance
+        self.inner = self.config.inner_policy()
+        # called as before_sync(self, index) before each sync, e.g. local SGD's weight averaging
+        self.before_sync = before_sync
         self.groups: list[SlowWeights] = []
         self.optimizers: list[Optimizer] = []
         self.steps: list[int] = []  # real optimizer steps per optimizer
-        self.syncs = 0  # syncs applied, all optimizers
+        self.syncs = 0  # syncs applied, all optimizers (including any whose device-side flag is unread)
         self.skipped = 0  # syncs skipped for non-finite fast weights
-        self.slow_moments: list[dict[str, Tensor]] = []  # pullback's slow first moments
         self.last_stats: dict[int, SyncStats] = {}  # optimizer index -> stats of its latest sync
+        self._unread: list[tuple[int, int, Tensor]] = []  # (optimizer, step, applied flag) decided on the device
+        self._signatures: dict[int, tuple] = {}  # optimizer index -> its parameters' signature at the last sync
         self._handles: list[RemovableHandle] = []
         self._warned_nonfinite = False
         # a step counts only while gate() is true (None: always). The callback closes it while a
         # tuner's trial loop steps the optimizers, so trials leave Lookahead's state untouched.
         self.gate: Callable[[], bool] | None = None
+
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
+
+    @property
+    def inner_state(self) -> str:
+        return self.config.inner_state
+
+    @property
+    def outer_momentum(self) -> float:
+        return self.config.outer_momentum
+
+    @property
+    def nesterov(self) -> bool:
+        return self.config.nesterov
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self.config.on_nonfinite
+
+    @property
+    def module(self) -> nn.Module:
+        """The module given to :meth:`attach`."""
+        return self._module
+
+    @property
+    def slow_moments(self) -> list[dict[str, Tensor]]:
+        """Pullback's slow first moments per optimizer (empty lists for other policies)."""
+        return self.inner.slow_moments() or [{} for _ in self.optimizers]
 
     # ------------------------------------------------------------ attach
     def attach(self, optimizers: Sequence[Optimizer], module: nn.Module, claim: Collection[str] | None = None) -> None:
@@ -178,53 +191,70 @@ class Lookahead:
         fast weights for) takes exactly those parameters of the optimizers instead, frozen or not;
         the others join at their optimizer's next sync, as they did in the run that saved it.
         """
+        self.use_fast()  # a re-attach while the slow weights are swapped in starts from the fast ones
         self.detach()
         self._module = module
         self._names: dict[Tensor, str] = {p: n for n, p in module.named_parameters()}
         self._owner: dict[Tensor, int] = {}
         self.optimizers = list(optimizers)
         for opt in self.optimizers:
-            inner.check_supported(opt, self.inner_state)
+            self.inner.check(opt)
+        if self.config.outer_optimizer is not None and any(is_sharded(p) for p in module.parameters()):
+            raise ValueError(
+                "Lookahead `outer_optimizer` is not supported with sharded (FSDP2) parameters: its state would"
+                " have no sharded checkpoint layout. Use outer_momentum/nesterov (SGD), which is."
+            )
         only = None if claim is None else frozenset(claim)
-        self.groups = [SlowWeights(self._claim(i, only=only)) for i in range(len(self.optimizers))]
+        self.groups = [self._group(self._claim(i, only=only)) for i in range(len(self.optimizers))]
         self.steps = [0] * len(self.optimizers)
-        self.slow_moments = [{} for _ in self.optimizers]
+        self.inner.start(len(self.optimizers))
         self.last_stats = {}
+        self._unread = []
+        self._signatures = {}
         self.hook()
+
+    def _group(self, named: Sequence[tuple[str, Tensor]], slow: Mapping[str, Tensor] | None = None) -> SlowWeights:
+        return SlowWeights(named, slow, outer=self.config.outer_step())
 
     @property
     def attached(self) -> bool:
         """True between :meth:`attach` and :meth:`detach` (steps are being counted)."""
         return bool(self._handles)
 
-    def follow(self, optimizers: Sequence[Optimizer]) -> bool:
+    def replace_optimizers(self, optimizers: Sequence[Optimizer]) -> bool:
         """Move to new optimizers that replaced the attached ones (same module); returns whether
         anything changed.
 
-        Slow weights and outer momentum carry over by parameter name; step counters carry over by optimizer index (a
-        new index starts at 0); pullback's slow moments are dropped, since they belonged to the
-        old optimizers' state. Parameters the new optimizers update for the first time start with
-        slow = their current values. Call it while the fast weights are in the parameters.
+        Slow weights and the outer state carry over by parameter name; step counters carry over by
+        optimizer index (a new index starts at 0); pullback's slow moments are dropped, since they
+        belonged to the old optimizers' state. Parameters the new optimizers update for the first
+        time (also ones of layers that replaced others) start with slow = their current values.
+        Call it while the fast weights are in the parameters.
         """
         optimizers = list(optimizers)
         if len(optimizers) == len(self.optimizers) and all(a is b for a, b in zip(optimizers, self.optimizers)):
             return False
         for opt in optimizers:
-            inner.check_supported(opt, self.inner_state)
-        assert not self.swapped, "follow() while the slow weights are swapped in"
+            self.inner.check(opt)
+        assert not self.swapped, "replace_optimizers() while the slow weights are swapped in"
         slow: dict[str, Tensor] = {}
-        momentum: dict[str, Tensor] = {}
+        outer: dict[str, dict[str, Tensor]] = {}
         for g in self.groups:
-            slow.update(g.slow_tensors())
-            momentum.update(g.momentum_tensors())
+            slow.update({n: t.clone() for n, t in g.slow_tensors().items()})
+            outer.update(g.outer.state_by_name())
+            g.release()  # the parameters leave the old layout; the new groups lay them out anew
         steps = self.steps
         self.detach()
         self.optimizers = optimizers
+        self._names = {p: n for n, p in self._module.named_parameters()}  # layers may have been replaced
         self._owner = {}
-        self.groups = [SlowWeights(self._claim(i), slow, momentum) for i in range(len(optimizers))]
+        self.groups = [self._group(self._claim(i), slow) for i in range(len(optimizers))]
+        for g in self.groups:
+            g.outer.load_state_by_name({n: s for n, s in outer.items() if n in g.names})
         self.steps = [steps[i] if i < len(steps) else 0 for i in range(len(optimizers))]
-        self.slow_moments = [{} for _ in optimizers]
+        self.inner.start(len(optimizers))
         self.last_stats = {}
+        self._signatures = {}
         self.hook()
         return True
 
@@ -253,7 +283,13 @@ class Lookahead:
 
     def _adopt_new_parameters(self, index: int) -> None:
         # Fine-tuning schedules (Lightning's BaseFinetuning) add param groups or unfreeze
-        # parameters mid-run; without this they would silently train without Lookahead.
+        # parameters mid-run; without this they would silently train without Lookahead. A cheap
+        # signature (group and parameter counts, trainable flags) skips the search when nothing changed.
+        groups = self.optimizers[index].param_groups
+        signature = (len(groups), *(len(g["params"]) for g in groups), *(p.requires_grad for g in groups for p in g["params"]))
+        if self._signatures.get(index) == signature:
+            return
+        self._signatures[index] = signature
         new = self._claim(index)
         if new:
             self.groups[index].add(new)
@@ -263,6 +299,13 @@ class Lookahead:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def release(self) -> None:
+        """Give every parameter its own storage again (a copy of what it holds), so nothing of the
+        contiguous layout leaks into ``torch.save(module.weight)`` or exports; the next sync or swap
+        lays the parameters out again. The callback calls it when fit ends."""
+        for g in self.groups:
+            g.release()
 
     def detach(self) -> None:
         """Stop counting steps (the slow weights are kept)."""
@@ -305,29 +348,55 @@ class Lookahead:
 
     # ------------------------------------------------------------ sync
     def sync(self, index: int) -> bool:
-        """Sync optimizer ``index``'s parameters now; returns whether the sync was applied."""
-        self._adopt_new_parameters(index)
-        group = self.groups[index]
-        stats = group.sync(self.alpha, self.measure_distance, self.outer_momentum, self.nesterov)
-        self.last_stats[index] = stats
-        if not stats.applied:
-            self.skipped += 1
-            msg = (
-                f"Lookahead: the fast weights of optimizer {index} hold inf/nan at step {self.steps[index]};"
-                " this sync was skipped and the slow weights were kept."
+        """Sync optimizer ``index``'s parameters now; returns whether the sync was applied (on CUDA,
+        where the decision stays on the device, ``True``: a skip is counted when :meth:`read_flags` runs)."""
+        if not 0 <= index < len(self.groups):
+            raise RuntimeError(
+                f"Lookahead.sync({index!r}): attach(optimizers, module) first; attached optimizers: {len(self.groups)}"
             )
-            if self.on_nonfinite == "raise":
-                raise NonFiniteError(msg)
-            if not self._warned_nonfinite:
-                self._warned_nonfinite = True
-                warnings.warn(msg + " (warned once)", RuntimeWarning, stacklevel=2)
+        self._adopt_new_parameters(index)  # new parameters join first (local SGD averages them too)
+        if self.before_sync is not None:
+            self.before_sync(self, index)
+        group = self.groups[index]
+        measure = self.measure_distance(index) if callable(self.measure_distance) else self.measure_distance
+        # the inner-state policies act on the host's decision, so only "keep" may leave it on the device
+        stats = group.sync(measure, device_side=self.inner_state == "keep")
+        self.last_stats[index] = stats
+        if isinstance(stats.applied, Tensor):
+            self.syncs += 1  # corrected by read_flags() if the device skipped it
+            self._unread.append((index, self.steps[index], stats.applied))
+            return True
+        if not stats.applied:
+            self._skipped(index, self.steps[index], 1)
             return False
         self.syncs += 1
-        if self.inner_state == "reset":
-            inner.reset(self.optimizers[index], zip(group.names, group.params))
-        elif self.inner_state == "pullback":
-            inner.pullback(self.optimizers[index], zip(group.names, group.params), self.slow_moments[index], self.alpha)
+        self.inner.after_sync(index, self.optimizers[index], list(zip(group.names, group.params)), self.alpha)
         return True
+
+    def read_flags(self) -> None:
+        """Count the syncs that the device skipped (CUDA: the decision stays there), warning or
+        raising as ``on_nonfinite`` says: one host read. The callback calls it at logger rows and
+        at the end of each epoch; :meth:`state_dict` calls it too."""
+        if not self._unread:
+            return
+        unread, self._unread = self._unread, []
+        skipped = (~torch.stack([flag.to(unread[0][2].device) for _, _, flag in unread])).tolist()
+        for (index, step, _), skip in zip(unread, skipped):
+            if skip:
+                self.syncs -= 1
+                self._skipped(index, step, 1)
+
+    def _skipped(self, index: int, step: int, count: int) -> None:
+        self.skipped += count
+        msg = (
+            f"Lookahead: the fast weights of optimizer {index} hold inf/nan at step {step};"
+            " this sync was skipped and the slow weights were kept."
+        )
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(msg)
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(msg + " (warned once)", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------ eval swap
     @property
@@ -357,43 +426,49 @@ class Lookahead:
     def _counters(self) -> dict[str, Any]:
         """Settings and counters: numbers and strings only (the callback keeps these in its own
         state and the tensors elsewhere; :meth:`state_dict` in 0.1.0)."""
-        return {
-            "k": self.k,
-            "alpha": self.alpha,
-            "inner_state": self.inner_state,
-            "outer_momentum": self.outer_momentum,
-            "nesterov": self.nesterov,
-            "steps": list(self.steps),
-            "syncs": self.syncs,
-            "skipped": self.skipped,
-        }
+        self.read_flags()
+        return {**self.config.saved(), "steps": list(self.steps), "syncs": self.syncs, "skipped": self.skipped}
 
-    def tensors(self) -> dict[str, dict[str, Tensor]]:
-        """Name -> tensor maps for ``fast``, ``slow``, pullback's ``slow_moments`` and the outer
-        ``momentum`` buffers (live, not copies)."""
-        out: dict[str, dict[str, Tensor]] = {"fast": {}, "slow": {}, "slow_moments": {}, "momentum": {}}
+    def tensors(self) -> dict[str, Any]:
+        """Name -> tensor maps for ``fast``, ``slow``, pullback's ``slow_moments``, the outer
+        ``momentum`` buffers (the ``outer_momentum`` shorthand) and ``outer_state`` (an
+        ``outer_optimizer``'s per-parameter state, name -> {key: tensor}); live, not copies."""
+        out: dict[str, Any] = {"fast": {}, "slow": {}, "slow_moments": {}, "momentum": {}, "outer_state": {}}
         for g, m in zip(self.groups, self.slow_moments):
             out["fast"].update(g.fast_tensors())
             out["slow"].update(g.slow_tensors())
             out["slow_moments"].update(m)
-            out["momentum"].update(g.momentum_tensors())
+            outer = g.outer.state_by_name()
+            if self.config.outer_optimizer is None:
+                out["momentum"].update({n: s["momentum_buffer"] for n, s in outer.items() if "momentum_buffer" in s})
+            else:
+                out["outer_state"].update(outer)
         return out
+
+    def _load_outer(self, g: SlowWeights, tensors: Mapping[str, Any]) -> None:
+        params = dict(zip(g.names, g.params))
+        if self.config.outer_optimizer is None:  # this rank's part of a saved (sharded or full) buffer
+            momentum = tensors.get("momentum", {})
+            state = {n: {"momentum_buffer": local_from_saved(params[n], t)} for n, t in momentum.items() if n in params}
+        else:
+            state = {n: s for n, s in tensors.get("outer_state", {}).items() if n in params}
+        g.outer.load_state_by_name(state)
 
     def _load_counters(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`_counters` (:meth:`load_state_dict` in 0.1.0)."""
-        steps = list(state["steps"])
-        if len(steps) != len(self.groups):
-            raise ValueError(f"Lookahead state has {len(steps)} optimizers, this run has {len(self.groups)}")
+        steps = _checked_counter_list(state.get("steps"), len(self.groups))
         self.steps = steps
-        self.syncs = int(state["syncs"])
-        self.skipped = int(state.get("skipped", 0))
-        if (state.get("outer_momentum", 0.0), state.get("nesterov", True)) != (self.outer_momentum, self.nesterov):
-            for g in self.groups:  # a buffer of another outer optimizer means nothing to this one
-                g.momentum = None
+        self.syncs = _checked_count(state, "syncs")
+        self.skipped = _checked_count(state, "skipped", 0)
+        self._unread = []
+        if not self.config.same_outer_state(state):
+            for g in self.groups:  # the state of another outer optimizer means nothing to this one
+                g.outer.load_state_by_name({})
 
-    def load_tensors(self, tensors: Mapping[str, Mapping[str, Tensor]]) -> None:
+    def load_tensors(self, tensors: Mapping[str, Any]) -> None:
         """Restore after :meth:`attach`: the parameters already hold the slow weights (loaded from
-        ``state_dict``), so ``phi`` is right; copy in the ``fast`` weights and pullback's moments.
+        ``state_dict``), so ``phi`` is right; copy in the ``fast`` weights, the outer state and
+        pullback's moments.
 
         Every parameter that had slow weights when the state was saved gets them back, also one
         that is frozen right now (a fine-tuning callback may unfreeze it before the next step, as
@@ -406,8 +481,8 @@ class Lookahead:
             if new:
                 g.add(new)
         for g, opt, moments in zip(self.groups, self.optimizers, self.slow_moments):
-            g.load_fast(fast)
-            g.load_momentum(dict(tensors.get("momentum", {})) if self.outer_momentum else {})
+            g.load("fast", fast)
+            self._load_outer(g, tensors)
             moments.clear()
             for name, p in zip(g.names, g.params):
                 live = inner.first_moment(opt, p) if name in saved_moments else None
@@ -420,8 +495,8 @@ class Lookahead:
         Settings (``k``, ``alpha``, ``inner_state``, ``outer_momentum``, ``nesterov``), counters
         (``steps`` per optimizer, ``syncs``, ``skipped``), ``swapped`` (whether the module holds the
         slow weights), ``params`` (each optimizer's parameter names, in order) and name -> tensor
-        maps ``fast``, ``slow``, ``momentum`` (outer momentum buffers) and ``slow_moments``
-        (pullback's). Both the fast and the slow copy are always included, so the state restores
+        maps ``fast``, ``slow``, ``momentum`` (outer momentum buffers), ``outer_state`` (an outer
+        optimizer's, name -> {key: tensor}) and ``slow_moments`` (pullback's). Both the fast and the slow copy are always included, so the state restores
         exactly whatever the module holds when it is saved or loaded. The tensors are the live
         ones, not copies (as in ``torch.optim``), and ``swapped`` is read now: take this together
         with the model's ``state_dict``, no swap in between (as ``fabric.save`` does). Saved with the
@@ -450,6 +525,8 @@ class Lookahead:
             "fast": named(tensors["fast"], params),
             "slow": named(tensors["slow"], params),
             "momentum": named(tensors["momentum"], params),
+            "outer_state": {canonical[n]: {k: v.detach() if isinstance(v, Tensor) else v for k, v in s.items()}
+                            for n, s in tensors["outer_state"].items()},
             "slow_moments": named(tensors["slow_moments"], {}),
         }
 
@@ -476,12 +553,18 @@ class Lookahead:
             )
             self._load_counters(state)
             return
-        if state["version"] != STATE_VERSION:
-            raise ValueError(f"Lookahead state version {state['version']!r} is not {STATE_VERSION}, the supported one")
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"Lookahead state version {state.get('version')!r} is not {STATE_VERSION}, the supported one")
         if not self.optimizers or not hasattr(self, "_module"):
             raise RuntimeError("Lookahead.load_state_dict needs attach(optimizers, module) first")
+        for key, kind in (("params", list), ("steps", list), ("fast", Mapping), ("slow", Mapping)):
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"Lookahead state: {key!r} must be a {kind.__name__}, got {state.get(key)!r:.80}")
+        _checked_counter_list(state["steps"], len(state["params"]))
+        _checked_count(state, "syncs")
+        _checked_count(state, "skipped", 0)
         saved = [list(names) for names in state["params"]]
-        if len(saved) != len(self.optimizers) or len(state["steps"]) != len(self.optimizers):
+        if len(saved) != len(self.optimizers):
             raise ValueError(
                 f"Lookahead state was saved with {len(saved)} optimizer(s); this Lookahead is attached to"
                 f" {len(self.optimizers)}"
@@ -505,30 +588,31 @@ class Lookahead:
                         " the attached optimizers differ"
                     )
                 owners[p] = i
-        for key in ("fast", "slow", "momentum", "slow_moments"):
-            for name, t in state[key].items():
+        outer = {f"{name}/{k}": v for name, s in state.get("outer_state", {}).items() for k, v in s.items()}
+        for key, entries in (*((key, state.get(key, {})) for key in ("fast", "slow", "momentum", "slow_moments")),
+                             ("outer_state", outer)):
+            for entry, t in entries.items():
+                name = entry.rpartition("/")[0] if key == "outer_state" else entry
                 param = by_name.get(name)
                 if param is None or param not in owners:
                     raise ValueError(f"Lookahead state: {key!r} has {name!r}, which is not one of its parameters")
-                if tuple(t.shape) != tuple(param.shape):
+                if not isinstance(t, Tensor) or (tuple(t.shape) != tuple(param.shape) and key != "outer_state"):
                     raise ValueError(
-                        f"Lookahead state: {key}[{name!r}] has shape {tuple(t.shape)},"
+                        f"Lookahead state: {key}[{entry!r}] has shape {tuple(getattr(t, 'shape', ()))},"
                         f" the parameter {tuple(param.shape)}"
                     )
         for key in ("fast", "slow"):
             lacking = [n for names in saved for n in names if n not in state[key]]
             if lacking:
                 raise ValueError(f"Lookahead state: {key!r} lacks parameters {lacking[:5]}")
-        settings = {"k": self.k, "alpha": self.alpha, "inner_state": self.inner_state}
-        settings.update(outer_momentum=self.outer_momentum, nesterov=self.nesterov)
-        changed = {key: state[key] for key, value in settings.items() if state.get(key, value) != value}
+        changed = self.config.changed_from(state)
         if changed:
             warnings.warn(
-                f"Lookahead: the state was saved with {changed}; continuing with this object's {settings}.",
+                f"Lookahead: the state was saved with {changed}; continuing with this object's {self.config.saved()}.",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        same_outer = not ({"outer_momentum", "nesterov"} & set(changed))
+        same_outer = self.config.same_outer_state(state)
 
         # Checked: from here on nothing raises for a state that fits.
         self.use_fast()  # the parameters get their own storage back; their values are overwritten below
@@ -536,25 +620,42 @@ class Lookahead:
         self._names, self._owner = raw, owners
         by_raw = {raw[by_name[c]]: c for names in saved for c in names}
 
-        def renamed(key: str, names: Sequence[str]) -> dict[str, Tensor]:
-            return {n: state[key][by_raw[n]] for n in names if by_raw[n] in state[key]}
+        def renamed(key: str, names: Sequence[str]) -> dict[str, Any]:
+            entries = state.get(key, {})
+            return {n: entries[by_raw[n]] for n in names if by_raw[n] in entries}
 
-        self.groups, self.slow_moments = [], []
+        self.groups = []
+        self.inner.start(len(saved))
         for i, names in enumerate(saved):
-            group = SlowWeights([(raw[by_name[c]], by_name[c]) for c in names])
-            group.load_slow(renamed("slow", group.names))
-            group.load_fast(renamed("fast", group.names))
-            group.load_momentum(renamed("momentum", group.names) if same_outer else {})
+            group = self._group([(raw[by_name[c]], by_name[c]) for c in names])
+            group.load("slow", renamed("slow", group.names))
+            group.load("fast", renamed("fast", group.names))
+            outer_state = {key: renamed(key, group.names) for key in ("momentum", "outer_state")}
+            self._load_outer(group, outer_state if same_outer else {})
             self.groups.append(group)
-            moments: dict[str, Tensor] = {}
+            moments = self.slow_moments[i]
             if self.inner_state == "pullback":
                 for name, p in zip(group.names, group.params):
                     if by_raw[name] in state["slow_moments"]:
                         live = inner.first_moment(self.optimizers[i], p)  # None until the optimizer is loaded
                         template = live if live is not None else p
                         moments[name] = reshard_like(template, state["slow_moments"][by_raw[name]]).clone()
-            self.slow_moments.append(moments)
         self._load_counters(state)
         self.last_stats = {}
         if state["swapped"]:
             self.use_slow()
+
+
+def _checked_count(state: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    value = state.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Lookahead state: {key!r} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _checked_counter_list(steps: Any, optimizers: int) -> list[int]:
+    if not isinstance(steps, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
+        raise ValueError(f"Lookahead state: 'steps' must be a list of ints >= 0 (one per optimizer), got {steps!r}")
+    if len(steps) != optimizers:
+        raise ValueError(f"Lookahead state has {len(steps)} optimizers, this run has {optimizers}")
+    return list(steps)

@@ -1,11 +1,11 @@
-"""Regenerate the example outputs that README.md prints, from real runs, so they cannot drift.
+"""Regenerate the example outputs that README.md and the docs print, from real runs, so they cannot drift.
 
     python scripts/readme_outputs.py                 # rerun every example and rewrite its block
     python scripts/readme_outputs.py demo hydra      # only these blocks (bench: reads benchmarks/RESULTS.md)
-    python scripts/readme_outputs.py --check demo    # exit 1 if a fresh run differs from README.md
+    python scripts/readme_outputs.py --check demo    # exit 1 if a fresh run differs from the file
 
-A block in README.md is a fenced ``text`` block between ``<!-- output: NAME -->`` and
-``<!-- /output -->``; its first line names the machine that produced it. The numbers depend on
+A block is a fenced ``text`` block between ``<!-- output: NAME -->`` and ``<!-- /output -->`` in
+the file that ``FILES`` names (README.md unless listed); its first line names the machine that produced it. The numbers depend on
 the CPU (BLAS kernels round differently), so another machine may differ in the last digits:
 rerun this script rather than editing a block by hand.
 """
@@ -59,6 +59,7 @@ def bench() -> list[str]:
 
 
 BLOCKS = {"demo": demo, "hydra": hydra, "bench": bench}
+FILES = {name: README for name in BLOCKS} | {"bench": ROOT / "docs" / "benchmarks.md"}  # where each block lives
 PATTERN = r"(<!-- output: {name} -->\n```text\n)(.*?)(```\n<!-- /output -->)"
 
 
@@ -79,7 +80,7 @@ def machine() -> str:
 def block(text: str, name: str) -> re.Match[str]:
     match = re.search(PATTERN.format(name=re.escape(name)), text, flags=re.S)
     if match is None:
-        raise SystemExit(f"README.md has no block <!-- output: {name} --> ```text ... ``` <!-- /output -->")
+        raise SystemExit(f"{FILES[name].name} has no block <!-- output: {name} --> ```text ... ``` <!-- /output -->")
     return match
 
 
@@ -93,17 +94,19 @@ def main() -> int:
         t0 = time.perf_counter()
         fresh[name] = BLOCKS[name]()
         print(f"{name}: ran in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    text = README.read_text()  # read after the runs: the file may have been edited meanwhile
-    stale = [name for name, lines in fresh.items() if block(text, name).group(2).splitlines()[1:] != lines]
+    texts = {FILES[name]: FILES[name].read_text() for name in fresh}  # read after the runs: edits meanwhile
+    stale = [name for name, lines in fresh.items() if block(texts[FILES[name]], name).group(2).splitlines()[1:] != lines]
     if args.check:
         if stale:
-            print(f"README.md differs from a fresh run in: {', '.join(stale)}", file=sys.stderr)
+            print(f"differs from a fresh run: {', '.join(f'{n} ({FILES[n].name})' for n in stale)}", file=sys.stderr)
         return 1 if stale else 0
     for name in stale:
         body = "\n".join([machine(), *fresh[name]]) + "\n"
-        text = re.sub(PATTERN.format(name=re.escape(name)), lambda m: m.group(1) + body + m.group(3), text, flags=re.S)
-    README.write_text(text)
-    print(f"rewrote: {', '.join(stale) or 'nothing'}", file=sys.stderr)
+        pattern = PATTERN.format(name=re.escape(name))
+        texts[FILES[name]] = re.sub(pattern, lambda m, b=body: m.group(1) + b + m.group(3), texts[FILES[name]], flags=re.S)
+    for path in {FILES[name] for name in stale}:
+        path.write_text(texts[path])
+    print(f"rewrote: {', '.join(f'{n} ({FILES[n].name})' for n in stale) or 'nothing'}", file=sys.stderr)
     return 0
 
 

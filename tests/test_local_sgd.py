@@ -18,7 +18,7 @@ from test_distributed import NAMES, load, run_worker
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_lookahead import local_sgd
+from lightning_lookahead import Lookahead, local_sgd
 
 pytestmark = pytest.mark.slow
 N_PARAMS = sum(p.numel() for p in make_net().parameters())  # 146 float32 values, no buffers
@@ -262,7 +262,7 @@ def test_single_process_is_plain_lookahead_with_one_warning():
     plain, _, _ = fit(False)
     local, messages, cb = fit(True)
     assert sum("local_sgd=True in a single process is plain Lookahead" in m for m in messages) == 1
-    assert not isinstance(cb.lookahead, local_sgd.LocalSGDLookahead)
+    assert cb.lookahead.before_sync is None
     for a, b in zip(plain, local):
         assert torch.equal(a, b)
 
@@ -285,7 +285,8 @@ def _average_worker(rank: int, port: int, out: str) -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
     model[2].double()  # a second dtype: two all-reduces per sync
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    la = local_sgd.LocalSGDLookahead(k=2, alpha=0.5)
+    averager = local_sgd.WeightAverager()
+    la = Lookahead(k=2, alpha=0.5, before_sync=averager)
     la.attach([opt], model)
     calls = []
     original = dist.all_reduce
@@ -301,7 +302,7 @@ def _average_worker(rank: int, port: int, out: str) -> None:
         opt.step()  # the second step syncs
     snapshots.append({n: t.detach().clone() for n, t in model.state_dict().items()})
     snapshots.append({"slow": {n: t.clone() for n, t in la.tensors()["slow"].items()}, "calls": calls,
-                      "bytes": la.allreduce_bytes})  # fmt: skip
+                      "bytes": averager.allreduce_bytes})  # fmt: skip
     dist.all_reduce = original
     torch.save(snapshots, f"{out}/avg_rank{rank}.pt")
     dist.destroy_process_group()

@@ -1,7 +1,7 @@
-"""examples/lr_sensitivity.py: --quick writes the expected CSV rows and readable PNGs; the
+"""studies/lr_sensitivity.py: --quick writes the expected CSV rows and readable PNGs; the
 too-small/too-large LRs of the curve figure bracket the baseline's best LR.
 
-examples/outer_momentum_study.py: --quick runs end to end (CSV columns, syncs, curves, PNGs) and
+studies/outer_momentum_study.py: --quick runs end to end (CSV columns, syncs, curves, PNGs) and
 resumes; steps-to-target, best LR and compute factor on synthetic numbers."""
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import pytest
 from matplotlib.image import imread
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "studies"))
+sys.path.insert(1, str(ROOT / "examples"))  # mnist.py
 import lr_sensitivity as study  # noqa: E402
-import om_metrics as om  # noqa: E402
+import outer_momentum_metrics as om  # noqa: E402
 import outer_momentum_study as oms  # noqa: E402
 
 
 def test_quick_study_writes_csvs_and_pngs(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "examples/lr_sensitivity.py", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "studies/lr_sensitivity.py", "--quick", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,11 +62,11 @@ def test_curve_lrs_bracket_the_baselines_best_lr():
     assert (small, large) == (lrs[2], lrs[5])  # a decade below, half a decade above
 
 
-# ---------------------------------------------------------------- examples/outer_momentum_study.py
+# ---------------------------------------------------------------- studies/outer_momentum_study.py
 
 
 def test_outer_momentum_quick_study_end_to_end_and_resume(tmp_path):
-    cmd = [sys.executable, "examples/outer_momentum_study.py", "--quick", "--out", str(tmp_path), "--workers", "2"]
+    cmd = [sys.executable, "studies/outer_momentum_study.py", "--quick", "--out", str(tmp_path), "--workers", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = oms.make_runs(quick=True)

@@ -1,6 +1,6 @@
 """The sync-and-swap grid suite: every sync and eval-swap contender on the same parameters, per
 (parameter count, tensor count) cell, interleaved in the same rounds, as times and paired ratios
-(to the bound ``2 x copy_``, to ``ours``, to ``ours_lean``)."""
+(to the bound ``2 x copy_``, to ``ours``, to ``ours_measured``)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def bench_sync_grid(
                 "time_s": {n: asdict(Summary.of(s)) for n, s in samples.items()},
                 "ratio_to_bound": {n: asdict(paired_ratios(samples, n, "copy", 2.0)) for n in syncs},
                 "time_over_ours": {n: asdict(paired_ratios(samples, n, "ours")) for n in syncs},
-                "time_over_lean": {n: asdict(paired_ratios(samples, n, "ours_lean")) for n in syncs},
+                "time_over_measured": {n: asdict(paired_ratios(samples, n, "ours_measured")) for n in syncs},
                 "swap_over_ours": {n: asdict(paired_ratios(samples, n, "swap_ours")) for n in swaps},
                 "swap_over_copy": {n: asdict(paired_ratios(samples, n, "copy")) for n in swaps},
             }

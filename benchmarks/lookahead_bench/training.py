@@ -158,7 +158,7 @@ def bench_training(task: str, repeats: int, warmup: int, steps: int, batch: int 
 
     torch.manual_seed(0)
     sync_model = make_net()
-    la = ours(sync_model, list(sync_model.parameters()))
+    la = ours(sync_model)
     in_situ: list[list[float]] = []  # per round: the sync durations inside that round's k=5 run
 
     def k5_callbacks() -> list[Any]:

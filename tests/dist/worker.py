@@ -101,7 +101,7 @@ class Perturb(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_rank == self.rank and self.cb.lookahead.syncs == 1:
             with torch.no_grad():
-                slow = self.cb.lookahead.groups[0].stash
+                slow = list(self.cb.lookahead.groups[0].slow_tensors().values())
                 slow[-1].add_(1e-3)  # the last parameter: net.2.bias
 
 
@@ -292,7 +292,7 @@ class Dump(Callback):
                 "steps": self.cb.lookahead.steps,
                 "syncs": self.cb.lookahead.syncs,
                 "skipped": self.cb.lookahead.skipped,
-                "stash_numel": sum(t.numel() for g in self.cb.lookahead.groups for t in g.stash),
+                "stash_numel": sum(t.numel() for g in self.cb.lookahead.groups for t in g.slow_tensors().values()),
                 "total_numel": sum(p.numel() for p in pl_module.parameters()),
             },
             os.path.join(self.out, f"{getattr(stage, 'value', stage)}_rank{trainer.global_rank}.pt"),

@@ -9,9 +9,9 @@ examples/mnist.py for 3 epochs per run, and writes to --out (default docs/):
     lr_sensitivity.png   final validation loss and accuracy vs learning rate (mean, min-max band)
     lr_curves.png        training-loss curves at a too-small and a too-large LR (best LR /10 and x3.2)
 
-    python examples/lr_sensitivity.py              # full study (126 runs, ~5 min on 2 CPU cores)
-    python examples/lr_sensitivity.py --quick      # 12 tiny runs (< 1 min), for the tests
-    python examples/lr_sensitivity.py --plot-only  # redraw the PNGs from the CSVs in --out
+    python studies/lr_sensitivity.py              # full study (126 runs, ~5 min on 2 CPU cores)
+    python studies/lr_sensitivity.py --quick      # 12 tiny runs (< 1 min), for the tests
+    python studies/lr_sensitivity.py --plot-only  # redraw the PNGs from the CSVs in --out
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -36,6 +37,8 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from lightning_lookahead import LookaheadCallback  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # mnist.py
 from mnist import LitCNN, MNISTDataModule  # noqa: E402
 
 K = 5
@@ -238,7 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="12 tiny runs (a smoke test, not a result)")
     parser.add_argument(
-        "--out", type=Path, default=None, help="output folder (default docs/; with --quick examples/out-quick/, git-ignored)"
+        "--out", type=Path, default=None, help="output folder (default docs/; with --quick studies/out-quick/, git-ignored)"
     )
     parser.add_argument("--plot-only", action="store_true", help="only redraw the PNGs from the CSVs in --out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see below)")

@@ -1,4 +1,4 @@
-"""Helpers of the outer-momentum study (examples/outer_momentum_study.py) that need no training:
+"""Helpers of the outer-momentum study (studies/outer_momentum_study.py) that need no training:
 steps to a target accuracy, per-seed aggregation, best learning rates and Markdown tables.
 
 Kept apart from the runner so the tests can check them on synthetic curves in milliseconds.

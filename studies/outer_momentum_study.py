@@ -14,11 +14,11 @@ it stopped (runs already in the CSV are skipped):
     outer_momentum_steps.png    steps to each target accuracy vs LR, a line per method
     outer_momentum_curves.png   validation accuracy vs step at each method's best LR
 
-    python examples/outer_momentum_study.py                # full study into docs/ (~30 min on 2 cores)
-    python examples/outer_momentum_study.py --refine       # then add one in-between LR per optimizer (resumes)
-    python examples/outer_momentum_study.py --extra        # or add the EXTRA methods (resumes the CSVs)
-    python examples/outer_momentum_study.py --quick        # tiny smoke run (< 1 min) into examples/out-quick/
-    python examples/outer_momentum_study.py --plot-only    # redraw PNGs and print tables from the CSVs
+    python studies/outer_momentum_study.py                # full study into docs/ (~30 min on 2 cores)
+    python studies/outer_momentum_study.py --refine       # then add one in-between LR per optimizer (resumes)
+    python studies/outer_momentum_study.py --extra        # or add the EXTRA methods (resumes the CSVs)
+    python studies/outer_momentum_study.py --quick        # tiny smoke run (< 1 min) into studies/out-quick/
+    python studies/outer_momentum_study.py --plot-only    # redraw PNGs and print tables from the CSVs
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # mnist.py, om_metrics.py (also in workers)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # outer_momentum_metrics.py (also in workers)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples"))  # mnist.py (also in workers)
 
 import numpy as np  # noqa: E402
 
-import om_metrics as om  # noqa: E402
+import outer_momentum_metrics as om  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,7 @@ TARGETS = (0.90, 0.95, 0.97)
 
 @dataclass(frozen=True)
 class Config:
-    max_steps: int = 960  # 7.7 epochs of 125 batches: 5x the 189 steps of examples/lr_sensitivity.py
+    max_steps: int = 960  # 7.7 epochs of 125 batches: 5x the 189 steps of studies/lr_sensitivity.py
     eval_every: int = 60  # a multiple of every k above: each evaluation follows a sync
     batch_size: int = 32
     limit_val_batches: float | int = 1.0  # 1,000 validation images in 2 batches of 512
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (a test, not a result)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: docs/, or examples/out-quick/ with --quick)")  # fmt: skip
+                        help="output folder (default: docs/, or studies/out-quick/ with --quick)")  # fmt: skip
     parser.add_argument("--extra", action="store_true", help=f"also run the EXTRA methods {EXTRA}")
     parser.add_argument("--refine", action="store_true",
                         help=f"also run {REFINE_METHODS} at the extra LRs {REFINE_LRS}")  # fmt: skip
@@ -385,9 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
         run_study(out, cfg, max(1, args.workers), args.extra, args.refine)
-    import om_report
+    import outer_momentum_report
 
-    om_report.report(out, cfg)
+    outer_momentum_report.report(out, cfg)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ instead of one Lightning launch per run). Bytes are all-reduce payload per optim
 wire traffic. Final validation on the slow (replicated) weights after a sync (the step count is a
 multiple of every k).
 
-    python examples/local_sgd_study.py            # 3 seeds, 13 configurations, 320 steps each
-    python examples/local_sgd_study.py --quick    # smoke run: 1 seed, 32 steps, k in {1, 4}
+    python studies/local_sgd_study.py            # 3 seeds, 13 configurations, 320 steps each
+    python studies/local_sgd_study.py --quick    # smoke run: 1 seed, 32 steps, k in {1, 4}
 
 Writes docs/local_sgd_study.csv (one row per seed and configuration) and docs/local_sgd_study.png.
 """
@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # mnist.py
 from mnist import LitCNN, MNISTDataModule  # noqa: E402
 
 from lightning_lookahead.local_sgd import LocalSGDLookahead, disable_ddp_sync  # noqa: E402
