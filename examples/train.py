@@ -1,9 +1,13 @@
 """Hydra app: train the example CNN from configs/train.yaml, with LookaheadCallback on by default.
 
     python examples/train.py                                  # MNIST-5k, SGD(momentum), Lookahead k=5 alpha=0.5
-    python examples/train.py callbacks=no_lookahead           # same run without Lookahead
+    python examples/train.py callbacks/lookahead=none         # same run without Lookahead (= callbacks=no_lookahead)
+    python examples/train.py callbacks/lookahead=snoo         # SNOO preset (= callbacks=snoo); other callbacks kept
     python examples/train.py -m callbacks.lookahead.k=5,10 callbacks.lookahead.alpha=0.5,0.8
+    python examples/train.py -m callbacks/lookahead=default,snoo,none   # presets and off, same checkpointing
     python examples/train.py data=digits optimizer=adam       # sklearn digits, Adam
+
+See docs/hydra.md for the Hydra forms (presets, off switch, sweeps, your own app).
 
 The last line printed is the validation loss/accuracy of the final (slow, with Lookahead) weights.
 """
@@ -48,7 +52,8 @@ def instantiate(cfg: DictConfig, **kwargs: Any) -> Any:
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a group node (``callbacks``, ``logger``) that has a ``_target_``;
-    entries set to null (``callbacks=no_lookahead``) or deleted (``~callbacks.lookahead``) are skipped."""
+    entries set to null (``callbacks/lookahead=none``, ``callbacks=no_lookahead``) or deleted
+    (``~callbacks.lookahead``) are skipped."""
     nodes = (group or {}).values()
     return [instantiate(node) for node in nodes if isinstance(node, DictConfig) and "_target_" in node]
 

@@ -1,6 +1,7 @@
 """Packaging: the core imports and runs with Lightning blocked, LookaheadCallback is a lazy attribute, the
-version has one source, and the wheel ships py.typed and the Hydra configs, which compose from a
-fresh virtual environment outside the repository (slow test)."""
+version has one source, and the wheel ships py.typed and the Hydra configs, which compose in a user's app
+outside the repository (presets and the off switch swap only the `lookahead` entry), also from a fresh
+virtual environment (slow test)."""
 
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def test_public_names():
     assert lightning_lookahead.__all__ == ["Lookahead", "LookaheadCallback", "NonFiniteError", "RankMismatchError"]
     assert set(lightning_lookahead.__all__) <= set(dir(lightning_lookahead))
     namespace: dict = {}
-    exec("from lightning_lookahead import *", namespace)
+    exec("from lightning_lookahead import *", namespace)  # noqa: S102
     assert set(lightning_lookahead.__all__) <= set(namespace)
     with pytest.raises(AttributeError, match="has no attribute 'LookaheadCalback'"):
         lightning_lookahead.LookaheadCalback  # noqa: B018
@@ -141,16 +142,75 @@ def test_one_version_source():
     assert (ROOT / "lightning_lookahead" / "py.typed").is_file()
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert "## [Unreleased]" in changelog
-    assert re.search(rf"^## \[{re.escape(lightning_lookahead.__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.M)
+    assert re.search(rf"^## \[{re.escape(lightning_lookahead.__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- packaged Hydra configs
-def _write_user_app(app: Path) -> None:
-    """A user's Hydra app that knows nothing of this repository: the callback config comes from the package."""
-    (app / "conf").mkdir(parents=True)
-    (app / "conf" / "config.yaml").write_text(
-        f"defaults:\n  - callbacks: lookahead\n  - _self_\n\nhydra:\n  searchpath:\n    - {SEARCHPATH}\n"
-    )
+def _write_user_app(app: Path, entry: str = "lookahead: default") -> None:
+    """A user's Hydra app that knows nothing of this repository; the callback configs come from the package.
+
+    ``conf/`` is laid out like lightning-hydra-template: its own callbacks/default.yaml lists a checkpoint
+    and a model summary and selects the package's Lookahead (``entry``: the group ``lookahead: default``,
+    or ``lookahead``, the file callbacks/lookahead.yaml, the form documented first); experiment/snoo.yaml overrides
+    that entry as the template's experiment configs do. ``minimal/`` (``--config-path minimal``) selects
+    ``callbacks: lookahead``: Lookahead alone, the app has no callbacks/default.yaml of its own."""
+    files = {
+        "conf/config.yaml": f"""\
+            defaults:
+              - _self_
+              - callbacks: default
+              - experiment: null
+
+            hydra:
+              searchpath:
+                - {SEARCHPATH}
+            """,
+        "minimal/config.yaml": f"""\
+            defaults:
+              - callbacks: lookahead
+              - _self_
+
+            hydra:
+              searchpath:
+                - {SEARCHPATH}
+            """,
+        "conf/callbacks/default.yaml": f"""\
+            defaults:
+              - model_checkpoint
+              - {entry}
+              - model_summary
+              - _self_
+
+            model_checkpoint:
+              monitor: val/acc
+              mode: max
+              save_last: true
+            """,
+        "conf/callbacks/model_checkpoint.yaml": """\
+            model_checkpoint:
+              _target_: lightning.pytorch.callbacks.ModelCheckpoint
+              monitor: null
+              mode: min
+              save_last: null
+            """,
+        "conf/callbacks/model_summary.yaml": """\
+            model_summary:
+              _target_: lightning.pytorch.callbacks.ModelSummary
+              max_depth: -1
+            """,
+        "conf/experiment/snoo.yaml": """\
+            # @package _global_
+            defaults:
+              - override /callbacks/lookahead: snoo
+
+            callbacks:
+              lookahead:
+                k: 50
+            """,
+    }
+    for name, text in files.items():
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text(textwrap.dedent(text))
     (app / "app.py").write_text(
         textwrap.dedent(
             """\
@@ -159,6 +219,7 @@ def _write_user_app(app: Path) -> None:
             import hydra
             from hydra.core.hydra_config import HydraConfig
             from hydra.utils import instantiate
+            from lightning.pytorch.callbacks import ModelCheckpoint
 
             import lightning_lookahead
 
@@ -172,9 +233,14 @@ def _write_user_app(app: Path) -> None:
                 for name, node in cfg.callbacks.items():
                     if node is None:
                         print(f"{name}: off")
+                        continue
+                    cb = instantiate(node)
+                    if isinstance(cb, lightning_lookahead.LookaheadCallback):
+                        print(f"{name}: {type(cb).__name__} k={cb.k} alpha={cb.alpha} outer_momentum={cb.outer_momentum}")
+                    elif isinstance(cb, ModelCheckpoint):
+                        print(f"{name}: {type(cb).__name__} monitor={cb.monitor} mode={cb.mode} save_last={cb.save_last}")
                     else:
-                        cb = instantiate(node)
-                        print(f"{name}: {type(cb).__name__} k={cb.k} alpha={cb.alpha}")
+                        print(f"{name}: {type(cb).__name__}")
 
 
             if __name__ == "__main__":
@@ -184,14 +250,99 @@ def _write_user_app(app: Path) -> None:
     )
 
 
-def test_packaged_configs_compose_in_a_user_app(tmp_path):
-    """Fast check on this checkout: the user app's primary config finds the package's callbacks group."""
-    _write_user_app(tmp_path)
-    packaged = OmegaConf.load(CONF / "callbacks" / "lookahead.yaml")
-    with initialize_config_dir(config_dir=str(tmp_path / "conf"), version_base="1.3"):
-        assert compose("config").callbacks == packaged
-        assert compose("config", overrides=["callbacks.lookahead.k=7"]).callbacks.lookahead.k == 7
-        assert compose("config", overrides=["callbacks=no_lookahead"]).callbacks == {"lookahead": None}
+@pytest.fixture(params=["lookahead: default", "lookahead"], ids=["group", "file"])
+def user_app(tmp_path, request):
+    """compose(config_path, *overrides): the callbacks node of the user app of :func:`_write_user_app`
+    (config_path "conf" or "minimal"), composed on this checkout's package; its callbacks/default.yaml
+    selects Lookahead as the group (`- lookahead: default`) or as the file (`- lookahead`)."""
+    _write_user_app(tmp_path, request.param)
+
+    def _compose(config_path: str, *overrides: str):
+        with initialize_config_dir(config_dir=str(tmp_path / config_path), version_base="1.3"):
+            return compose("config", overrides=list(overrides)).callbacks
+
+    _compose.conf = tmp_path / "conf"
+    return _compose
+
+
+def _others(callbacks) -> dict:
+    return {name: node for name, node in OmegaConf.to_container(callbacks).items() if name != "lookahead"}
+
+
+def _packaged(preset: str):
+    """The `lookahead` entry as the package's callbacks/lookahead/<preset>.yaml writes it."""
+    return OmegaConf.load(CONF / "callbacks" / "lookahead" / f"{preset}.yaml")
+
+
+def test_packaged_configs_compose_in_a_user_app(user_app):
+    """Fast check on this checkout: the user app's callbacks/default.yaml finds the package's callbacks/lookahead
+    group, and an app whose callbacks node is Lookahead alone (`callbacks: lookahead`) picks the entry with
+    the same group; there the whole-node forms (`callbacks=snoo`, which mean "callbacks/default.yaml with
+    the entry swapped") stop with Hydra's message instead of composing something else."""
+    from hydra.errors import MissingConfigException
+
+    default = user_app("conf")
+    assert list(default) == ["model_checkpoint", "lookahead", "model_summary"]
+    assert default.lookahead == _packaged("default")
+    assert default.model_checkpoint.monitor == "val/acc"
+    assert user_app("conf", "callbacks.lookahead.k=7").lookahead.k == 7
+    assert user_app("minimal") == {"lookahead": _packaged("default")}
+    assert user_app("minimal", "callbacks/lookahead=none") == {"lookahead": None}
+    assert user_app("minimal", "callbacks/lookahead=snoo") == {"lookahead": _packaged("snoo")}
+    assert user_app("minimal", "callbacks.lookahead.k=7") == {"lookahead": {**_packaged("default"), "k": 7}}
+    for override in ("callbacks=snoo", "callbacks=no_lookahead"):
+        with pytest.raises(MissingConfigException, match=f"In 'callbacks/{override[10:]}': Could not load 'callbacks/default'"):
+            user_app("minimal", override)
+
+
+@pytest.mark.parametrize(
+    "overrides, k",
+    [
+        (["callbacks/lookahead=snoo"], 28),
+        (["callbacks=snoo"], 28),
+        (["callbacks/lookahead=diloco_outer"], 20),
+        (["experiment=snoo"], 50),  # `- override /callbacks/lookahead: snoo` in an experiment config
+        (["callbacks/lookahead=none"], None),
+        (["callbacks=no_lookahead"], None),
+        (["~callbacks.lookahead"], None),
+    ],
+)
+def test_user_app_swaps_only_the_lookahead_entry(user_app, overrides, k):
+    """Issue 16, item 8, in an app outside the repository: a preset or the off switch changes the `lookahead`
+    entry and keeps the app's other callbacks (`callbacks=snoo` used to replace the whole callbacks node)."""
+    default = user_app("conf")
+    callbacks = user_app("conf", *overrides)
+    assert _others(callbacks) == _others(default)
+    assert (callbacks.get("lookahead") or {}).get("k") == k
+    if overrides == ["callbacks/lookahead=snoo"]:
+        assert callbacks.lookahead == _packaged("snoo")
+
+
+def test_user_app_sweep_has_the_same_other_callbacks(user_app):
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(["callbacks/lookahead=default,snoo,none"])
+    (jobs,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)  # what `--multirun` runs
+    runs = [user_app("conf", *job) for job in jobs]
+    assert [(run.lookahead or {}).get("k") for run in runs] == [5, 28, None]
+    assert all(_others(run) == _others(runs[0]) for run in runs)
+    assert set(_others(runs[0])) == {"model_checkpoint", "model_summary"}
+
+
+def test_user_app_without_lookahead_fails_clearly_or_appends(user_app):
+    """An app whose callbacks/default.yaml does not select Lookahead: the presets fail with Hydra's own
+    message instead of dropping the other callbacks; `+callbacks/lookahead=snoo` appends the entry."""
+    from hydra.errors import ConfigCompositionException
+
+    default = user_app.conf / "callbacks" / "default.yaml"
+    default.write_text(default.read_text().replace("  - lookahead: default\n", "").replace("  - lookahead\n", ""))
+    assert "lookahead" not in user_app("conf")
+    for override in ("callbacks=snoo", "callbacks/lookahead=snoo", "callbacks=no_lookahead"):
+        with pytest.raises(ConfigCompositionException, match="Could not override 'callbacks/lookahead'"):
+            user_app("conf", override)
+    appended = user_app("conf", "+callbacks/lookahead=snoo")
+    assert appended.lookahead == _packaged("snoo") and appended.model_checkpoint.monitor == "val/acc"
 
 
 def _copy_source(dst: Path) -> Path:
@@ -221,7 +372,12 @@ def test_wheel_installs_into_a_fresh_venv_and_its_configs_compose(tmp_path_facto
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "lightning_lookahead/py.typed" in names
     yamls = {str(p.relative_to(ROOT).as_posix()) for p in CONF.rglob("*.yaml")}
-    assert {"lightning_lookahead/conf/callbacks/lookahead.yaml", "lightning_lookahead/conf/callbacks/no_lookahead.yaml"} <= yamls
+    assert {
+        "lightning_lookahead/conf/callbacks/lookahead.yaml",
+        "lightning_lookahead/conf/callbacks/no_lookahead.yaml",
+        "lightning_lookahead/conf/callbacks/lookahead/snoo.yaml",  # nested group folders ship too
+        "lightning_lookahead/conf/callbacks/lookahead/none.yaml",
+    } <= yamls
     assert yamls <= names, sorted(yamls - names)
     metadata = zipfile.ZipFile(wheel).read(f"lightning_lookahead-{lightning_lookahead.__version__}.dist-info/METADATA")
     assert f"\nVersion: {lightning_lookahead.__version__}\n" in metadata.decode()
@@ -235,17 +391,32 @@ def test_wheel_installs_into_a_fresh_venv_and_its_configs_compose(tmp_path_facto
     _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
          cwd=work, env=offline)  # fmt: skip
 
-    # 3. a user's Hydra app in a directory outside the repository, composing the installed package's config
+    # 3. a user's Hydra app in a directory outside the repository, composing the installed package's config:
+    # a sweep over the presets keeps the app's own callbacks in every job and swaps the `lookahead` entry
     app = work / "app"
     _write_user_app(app)
-    proc = _run([str(python), "app.py", "--multirun", "callbacks=lookahead,no_lookahead"], cwd=app, env=offline)
+    proc = _run([str(python), "app.py", "--multirun", "callbacks/lookahead=default,snoo,none"], cwd=app, env=offline)
     lines = proc.stdout.splitlines()
     packages = [line.split(": ", 1)[1] for line in lines if line.startswith("package: ")]
     site_packages = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    assert packages == [str(site_packages / "lightning_lookahead" / "__init__.py")] * 2, lines
+    assert packages == [str(site_packages / "lightning_lookahead" / "__init__.py")] * 3, lines
     assert f"searchpath: ['{SEARCHPATH}']" in lines
     assert f"configs: {site_packages / 'lightning_lookahead' / 'conf'}" in lines
     assert [line for line in lines if line.startswith("lookahead: ")] == [
-        "lookahead: LookaheadCallback k=5 alpha=0.5",
+        "lookahead: LookaheadCallback k=5 alpha=0.5 outer_momentum=0.0",
+        "lookahead: LookaheadCallback k=28 alpha=0.68 outer_momentum=0.37",
+        "lookahead: off",
+    ]
+    assert [line for line in lines if line.startswith(("model_checkpoint: ", "model_summary: "))] == [
+        "model_checkpoint: ModelCheckpoint monitor=val/acc mode=max save_last=True",
+        "model_summary: ModelSummary",
+    ] * 3
+
+    # 4. an app whose callbacks node is Lookahead alone (`callbacks: lookahead`): the same group picks the entry
+    proc = _run([str(python), "app.py", "--config-path", "minimal", "--multirun", "callbacks/lookahead=default,snoo,none"],
+                cwd=app, env=offline)  # fmt: skip
+    assert [line for line in proc.stdout.splitlines() if line.startswith(("lookahead: ", "model_"))] == [
+        "lookahead: LookaheadCallback k=5 alpha=0.5 outer_momentum=0.0",
+        "lookahead: LookaheadCallback k=28 alpha=0.68 outer_momentum=0.37",
         "lookahead: off",
     ]
