@@ -12,18 +12,22 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_lookahead import distributed, inner_state, local_sgd
+from lightning_lookahead import checkpoint as checkpoint_io
+from lightning_lookahead import distributed, local_sgd
+from lightning_lookahead.checkpoint import (  # noqa: F401  (re-exported: the names of earlier releases)
+    CHECKPOINT_KEY,
+    FAST_PREFIX,
+    MOMENT_PREFIX,
+    MOMENTUM_PREFIX,
+    NOT_STARTED,
+    TENSOR_ENTRIES,
+)
 from lightning_lookahead.config import LookaheadConfig, OnNonFinite, check_bool, check_choice, check_optional_int
 from lightning_lookahead.inner_state import InnerState
 from lightning_lookahead.lookahead import Lookahead
 from lightning_lookahead.outer import OuterOptimizerFactory
 
 EvalWeights = Literal["slow", "fast"]
-CHECKPOINT_KEY = "lookahead"  # top-level checkpoint entry with the fast weights (not the callback state)
-FAST_PREFIX = "_lookahead_fast."  # distributed checkpoints: our shards live in state_dict under these
-MOMENT_PREFIX = "_lookahead_slow_moment."
-MOMENTUM_PREFIX = "_lookahead_outer_momentum."
-NOT_STARTED = "not_started"  # checkpoint written in a fit before its first training step
 
 
 class LookaheadCallback(Callback):
@@ -210,7 +214,7 @@ class LookaheadCallback(Callback):
         self._pending = self._pending_state = None
         if pending is not None:
             if "sharded_path" in pending:
-                pending = self._load_sharded(pending["sharded_path"])
+                pending = checkpoint_io.load_sharded(self.lookahead, pending["sharded_path"])
             mine = local_sgd.rank_state(pending.get(local_sgd.PER_RANK_KEY)) if self._local_active else None
             if mine is not None:  # local SGD: this rank's own fast weights and moments, not rank 0's
                 pending = {**pending, "fast": mine["fast"], "slow_moments": mine["slow_moments"]}
@@ -218,7 +222,7 @@ class LookaheadCallback(Callback):
             if mine is not None:
                 local_sgd.load_optimizer_states(trainer.optimizers, mine["optimizers"])
         if state is not None:
-            self.lookahead._load_counters(state)
+            self.lookahead.load_counters(state)
         self._logged_syncs = self.lookahead.syncs + self.lookahead.skipped  # log only syncs from here on
         if isinstance(self.lookahead.before_sync, local_sgd.WeightAverager):
             self.lookahead.before_sync.start(sum(self.lookahead.steps))  # bytes per step of this fit
@@ -449,7 +453,7 @@ class LookaheadCallback(Callback):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         if self.attached:
-            return self.lookahead._counters()
+            return self.lookahead.counters()
         return dict(self._pending_state or {})  # restored but not attached yet: keep it in new checkpoints
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -483,55 +487,7 @@ class LookaheadCallback(Callback):
         self._catch_up(trainer, pl_module)
         if not trainer.sanity_checking:
             self._warn_if_unsynced("a checkpoint stores the weights training started from as the model")
-        tensors = self.lookahead.tensors()
-        params = dict(pl_module.named_parameters())
-        state = checkpoint["state_dict"]
-        sharded_file = any(distributed.is_sharded(v) for v in state.values())
-        gather = any(distributed.is_sharded(p) for p in params.values()) and not sharded_file
-        keep = not gather or distributed.rank() == 0  # a gathered checkpoint is written by rank 0 alone
-
-        def out(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
-            t = t.detach()
-            if distributed.is_sharded(t):  # pullback's slow moments are DTensors like the live moments
-                p, t = t, t.to_local()
-            if sharded_file:
-                return distributed.like(p, t)
-            if gather:
-                whole = distributed.full(p, t)  # a collective: every rank takes part...
-                return whole.cpu() if keep else None  # ...but only rank 0 keeps a host copy
-            return t
-
-        slow = {n: out(t, params[n]) for n, t in tensors["slow"].items()}
-        fast = {n: out(t, params[n]) for n, t in tensors["fast"].items()}
-        moments = {n: out(t, t) for n, t in tensors["slow_moments"].items()}
-        momentum = {n: out(t, params[n]) for n, t in tensors["momentum"].items()}
-        outer_state = {n: {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                       for n, s in tensors["outer_state"].items()}  # never sharded: refused at attach
-        if state:  # empty on ranks > 0 of a gathered state_dict
-            keys = _state_dict_keys(pl_module, state)
-            missing = [n for n in slow if n not in keys]
-            if missing:  # e.g. a state_dict hook that drops them
-                self._warn_once(
-                    "missing",
-                    f"Lookahead: parameters {missing[:5]} have no state_dict entry, so their slow weights are"
-                    " not in checkpoint['state_dict'] (their fast weights are in checkpoint['lookahead']).",
-                )
-            for name, ks in keys.items():
-                if name not in slow:  # frozen or not optimised: the module's value is the only one
-                    continue
-                value = slow[name]
-                assert value is not None  # None only on ranks > 0 of a gathered checkpoint, whose state is empty
-                for key in ks:
-                    state[key] = value if sharded_file else value.to(state[key].device)
-        if sharded_file:
-            state.update({f"{FAST_PREFIX}{n}": t for n, t in fast.items()})
-            state.update({f"{MOMENT_PREFIX}{n}": t for n, t in moments.items()})
-            state.update({f"{MOMENTUM_PREFIX}{n}": t for n, t in momentum.items()})
-            checkpoint[CHECKPOINT_KEY] = {"layout": "sharded"}
-        elif keep:
-            checkpoint[CHECKPOINT_KEY] = {"fast": fast, "slow_moments": moments, "momentum": momentum}
-            if outer_state:
-                checkpoint[CHECKPOINT_KEY]["outer_state"] = outer_state
+        checkpoint_io.write(self.lookahead, pl_module, checkpoint, lambda msg: self._warn_once("missing", msg))
         if self._local_active:  # every rank's own fast weights and optimizer state (a collective)
             per_rank = local_sgd.gather_rank_states(self.lookahead, trainer.optimizers)
             if per_rank is not None:
@@ -540,7 +496,7 @@ class LookaheadCallback(Callback):
     def _save_unattached(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
         if self._pending is not None and "fast" in self._pending:
             # restored from a checkpoint whose training loop never ran (a finished run): pass it on
-            checkpoint[CHECKPOINT_KEY] = {k: self._pending[k] for k in _TENSOR_ENTRIES}
+            checkpoint[CHECKPOINT_KEY] = {k: self._pending[k] for k in TENSOR_ENTRIES}
             if self._pending.get(local_sgd.PER_RANK_KEY):
                 checkpoint[CHECKPOINT_KEY][local_sgd.PER_RANK_KEY] = self._pending[local_sgd.PER_RANK_KEY]
         elif self._stage == "fit":
@@ -578,7 +534,7 @@ class LookaheadCallback(Callback):
                 self._reset_run_state()
                 self._dropped = True
             return
-        entry = _checked_entry(checkpoint.get(CHECKPOINT_KEY))
+        entry = checkpoint_io.checked_entry(checkpoint.get(CHECKPOINT_KEY))
         if entry is None or entry.get("layout") == NOT_STARTED:
             if entry is None and not self.attached:
                 rank_zero_warn(
@@ -592,76 +548,8 @@ class LookaheadCallback(Callback):
         elif entry.get("layout") == "sharded":
             self._pending = {"sharded_path": str(trainer.ckpt_path)}
         else:
-            self._pending = {k: entry.get(k, {}) for k in _TENSOR_ENTRIES}
+            self._pending = {k: entry.get(k, {}) for k in TENSOR_ENTRIES}
             self._pending[local_sgd.PER_RANK_KEY] = entry.get(local_sgd.PER_RANK_KEY)
-
-    def _load_sharded(self, path: str) -> dict[str, Any]:
-        """Read our shards from a distributed checkpoint directory (every rank reads its own)."""
-        templates = {}
-        for g, opt in zip(self.lookahead.groups, self.lookahead.optimizers):
-            for name, p in zip(g.names, g.params):
-                templates[f"{FAST_PREFIX}{name}"] = distributed.like(p, torch.empty_like(distributed.local(p)))
-                if self.outer_momentum:
-                    templates[f"{MOMENTUM_PREFIX}{name}"] = distributed.like(p, torch.empty_like(distributed.local(p)))
-                live = inner_state.first_moment(opt, p) if self.inner_state == "pullback" else None
-                if live is not None:
-                    templates[f"{MOMENT_PREFIX}{name}"] = torch.empty_like(live)
-        loaded = distributed.load_sharded(path, templates)
-        return {
-            key: {k.removeprefix(prefix): v for k, v in loaded.items() if k.startswith(prefix)}
-            for key, prefix in (("fast", FAST_PREFIX), ("slow_moments", MOMENT_PREFIX), ("momentum", MOMENTUM_PREFIX))
-        }
-
-
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # dropped from state_dict keys by wrappers
-
-
-def _state_dict_keys(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, list[str]]:
-    """Canonical parameter name -> its state_dict keys (tied weights have several; activation
-    checkpointing and torch.distributed's state_dict helpers drop wrapper prefixes from keys)."""
-
-    def norm(key: str) -> str:
-        for prefix in _WRAPPER_PREFIXES:
-            key = key.replace(prefix, "")
-        return key
-
-    canonical = {p: n for n, p in module.named_parameters()}
-    by_key = {norm(n): canonical[p] for n, p in module.named_parameters(remove_duplicate=False)}
-    out: dict[str, list[str]] = {}
-    for key in state:
-        name = by_key.get(norm(key))
-        if name is not None:
-            out.setdefault(name, []).append(key)
-    return out
-
-
-_TENSOR_ENTRIES = ("fast", "slow_moments", "momentum", "outer_state")  # of checkpoint["lookahead"]
-_LAYOUTS = (None, "sharded", NOT_STARTED)  # checkpoint["lookahead"]["layout"]: None is the plain layout
-
-
-def _checked_entry(entry: Any) -> dict[str, Any] | None:
-    """checkpoint["lookahead"], checked for what can be checked before the parameters exist (names
-    and shapes are checked by the core when it loads them): a clear error, never a silent misread."""
-    if entry is None:
-        return None
-    if not isinstance(entry, dict):
-        raise ValueError(f"Lookahead: checkpoint[{CHECKPOINT_KEY!r}] must be a dict, got {type(entry).__name__}")
-    if entry.get("layout") not in _LAYOUTS:
-        raise ValueError(
-            f"Lookahead: checkpoint[{CHECKPOINT_KEY!r}]['layout'] is {entry.get('layout')!r}, which this version"
-            f" does not know (known: {[x for x in _LAYOUTS if x]} or absent); was it written by a newer version?"
-        )
-    if entry.get("layout") is None:
-        for key in _TENSOR_ENTRIES:
-            value = entry.get(key, {})
-            if not isinstance(value, dict) or not all(isinstance(v, (torch.Tensor, dict)) for v in value.values()):
-                raise ValueError(
-                    f"Lookahead: checkpoint[{CHECKPOINT_KEY!r}][{key!r}] must map parameter names to tensors,"
-                    f" got {value!r:.120}"
-                )
-        if "fast" not in entry:
-            raise ValueError(f"Lookahead: checkpoint[{CHECKPOINT_KEY!r}] has no 'fast' weights")
-    return entry
 
 
 class _InTrainerCallbacks:
