@@ -7,7 +7,6 @@ import sys
 import weakref
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -292,26 +291,7 @@ class LookaheadCallback(Callback):
             self._check_ranks()
 
     def _check_ranks(self) -> None:
-        """Replicated slow weights must be bit-identical on every rank (shards differ by design),
-        and so must the step and sync counters. Runs at batch counts every rank reaches together."""
-        names, tensors = [], []
-        for g in self.lookahead.groups:
-            outer = g.outer.state_by_name()
-            for name, slow, sharded in zip(g.names, g.slow_tensors().values(), g.sharded):
-                if not sharded:
-                    names.append(name)
-                    tensors.append(slow)
-                    for key, t in outer.get(name, {}).items():
-                        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
-                            names.append(f"{name} (outer momentum)" if key == "momentum_buffer" else f"{name} (outer {key})")
-                            tensors.append(t)
-        la = self.lookahead
-        counters = {f"step counter of optimizer {i}": s for i, s in enumerate(la.steps)}
-        counters.update({"sync counter": la.syncs, "skipped-sync counter": la.skipped})
-        # counters first: when they differ they are the cause, the weights the consequence
-        names = list(counters) + names
-        tensors = [torch.tensor(float(v), dtype=torch.float64) for v in counters.values()] + tensors
-        distributed.check_replicated(names, tensors)
+        self.lookahead.check_ranks()  # at batch counts every rank reaches together
 
     def _log_syncs(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Straight to the loggers, not LightningModule.log: Lightning re-logs a step metric's last
@@ -328,25 +308,7 @@ class LookaheadCallback(Callback):
         if done == self._logged_syncs or not _should_log(trainer):
             return
         self._logged_syncs = done
-        multi = len(la.groups) > 1
-        metrics: dict[str, float] = {"lookahead/syncs": float(la.syncs)}
-        for i, s in la.last_stats.items():
-            rel = s.rel_distance
-            if rel is None:
-                continue
-            suffix = f"/opt{i}" if multi else ""
-            step = s.rel_step
-            if isinstance(s.applied, torch.Tensor) and not bool(s.applied):
-                continue  # skipped on the device: no distance to report
-            if any(la.groups[i].sharded):  # shards: sum the squares over ranks first
-                assert s.d_sq is not None and s.phi_sq is not None  # measured with rel_distance
-                parts = [s.d_sq, s.phi_sq] + ([s.step_sq] if s.step_sq is not None else [])
-                both = distributed.all_reduce_sum(torch.stack(parts))
-                rel = both[0].sqrt() / both[1].sqrt().clamp_min(1e-30)
-                step = both[2].sqrt() / both[1].sqrt().clamp_min(1e-30) if s.step_sq is not None else None
-            metrics[f"lookahead/rel_distance{suffix}"] = float(rel)  # host read: log steps only
-            if step is not None:
-                metrics[f"lookahead/rel_outer_step{suffix}"] = float(step)
+        metrics = la.metrics()  # host reads: logger rows only
         if isinstance(la.before_sync, local_sgd.WeightAverager):
             metrics.update(la.before_sync.comm_metrics(sum(la.steps)))
         row = trainer.fit_loop.epoch_loop._batches_that_stepped

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_lookahead import distributed
 from lightning_lookahead import state as saved_state
 from lightning_lookahead.config import (  # noqa: F401  (check_* are re-exported for the callback)
     LookaheadConfig,
@@ -23,7 +24,7 @@ from lightning_lookahead.config import (  # noqa: F401  (check_* are re-exported
     check_choice,
     check_optional_int,
 )
-from lightning_lookahead.distributed import is_sharded, reshard
+from lightning_lookahead.distributed import all_reduce_sum, is_sharded, reshard
 from lightning_lookahead.inner_state import InnerState
 from lightning_lookahead.outer import OuterOptimizerFactory
 from lightning_lookahead.slow_weights import SlowWeights, SyncStats
@@ -368,6 +369,46 @@ class Lookahead:
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(msg + " (warned once)", RuntimeWarning, stacklevel=3)
+
+    def metrics(self) -> dict[str, float]:
+        """``lookahead/syncs`` and, for each optimizer's latest measured sync, ``lookahead/rel_distance``
+        (and ``rel_outer_step`` for an outer optimizer), suffixed ``/opt{i}`` with several optimizers.
+        Host reads; with shards, a collective (every rank must call it at the same sync count)."""
+        metrics = {"lookahead/syncs": float(self.syncs)}
+        suffix = len(self.groups) > 1
+        for i, s in self.last_stats.items():
+            if s.d_sq is None or s.phi_sq is None or (isinstance(s.applied, Tensor) and not bool(s.applied)):
+                continue  # not measured, or skipped on the device: no distance to report
+            parts = torch.stack([s.d_sq, s.phi_sq] + ([s.step_sq] if s.step_sq is not None else []))
+            if any(self.groups[i].sharded):  # shards: sum the squares over ranks first
+                parts = all_reduce_sum(parts)
+            norms = parts.sqrt() / parts[1].sqrt().clamp_min(1e-30)
+            name = f"/opt{i}" if suffix else ""
+            metrics[f"lookahead/rel_distance{name}"] = float(norms[0])
+            if s.step_sq is not None:
+                metrics[f"lookahead/rel_outer_step{name}"] = float(norms[2])
+        return metrics
+
+    def check_ranks(self) -> None:
+        """Raise :class:`~lightning_lookahead.RankMismatchError` on every rank unless the replicated
+        state (slow weights, outer state, step and sync counters) is bit-identical across ranks (shards
+        differ by design). A collective: call it on every rank at the same point."""
+        names, tensors = [], []
+        for g in self.groups:
+            outer = g.outer.state_by_name()
+            for name, slow, sharded in zip(g.names, g.slow_tensors().values(), g.sharded):
+                if sharded:
+                    continue
+                names.append(name)
+                tensors.append(slow)
+                for key, t in outer.get(name, {}).items():
+                    if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
+                        names.append(f"{name} (outer momentum)" if key == "momentum_buffer" else f"{name} (outer {key})")
+                        tensors.append(t)
+        counters = {f"step counter of optimizer {i}": s for i, s in enumerate(self.steps)}
+        counters.update({"sync counter": self.syncs, "skipped-sync counter": self.skipped})
+        # counters first: when they differ they are the cause, the weights the consequence
+        distributed.check_replicated(list(counters) + names, [torch.tensor(float(v), dtype=torch.float64) for v in counters.values()] + tensors)
 
     # ------------------------------------------------------------ eval swap
     @property

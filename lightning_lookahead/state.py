@@ -77,7 +77,7 @@ def _load_outer(la: Lookahead, g: SlowWeights, tensors: Mapping[str, Any]) -> No
     g.outer.load_state_by_name(state)
 
 def load_counters(la: Lookahead, state: Mapping[str, Any]) -> None:
-    """Restore :meth:`_counters` (:meth:`load_state_dict` in 0.1.0)."""
+    """Restore :func:`counters` (all of :meth:`Lookahead.load_state_dict` in 0.1.0), checked."""
     steps = _checked_counter_list(state.get("steps"), len(la.groups))
     la.steps = steps
     la.syncs = _checked_count(state, "syncs")
