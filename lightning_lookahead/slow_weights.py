@@ -341,11 +341,11 @@ def _can_be_view(p: Tensor) -> bool:
     """Whether ``p`` can live in our flat buffer with its own strides (dense: contiguous or channels-last)."""
     if is_sharded(p):
         return False
-    formats = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
-    return any(p.dim() in _DIMS[f] and p.is_contiguous(memory_format=f) for f in formats)
-
-
-_DIMS = {torch.contiguous_format: range(100), torch.channels_last: (4,), torch.channels_last_3d: (5,)}
+    return (
+        p.is_contiguous()
+        or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+        or (p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d))
+    )
 
 
 def _follow(name: str, now: Tensor, kept: Tensor) -> Tensor:
