@@ -123,7 +123,7 @@ def test_callback_is_imported_on_first_access(tmp_path):
 def test_public_names():
     from lightning_lookahead import LookaheadCallback  # noqa: F401  (the import the README shows)
 
-    assert lightning_lookahead.__all__ == ["Lookahead", "LookaheadCallback", "NonFiniteError", "RankMismatchError"]
+    assert lightning_lookahead.__all__ == ["Lookahead", "LookaheadCallback", "LookaheadConfig", "NonFiniteError", "RankMismatchError"]
     assert set(lightning_lookahead.__all__) <= set(dir(lightning_lookahead))
     namespace: dict = {}
     exec("from lightning_lookahead import *", namespace)  # noqa: S102
