@@ -113,8 +113,8 @@ def load_tensors(la: Lookahead, tensors: Mapping[str, Any]) -> None:
                 moments[name] = reshard_like(live, saved_moments[name]).clone()
 
 def check_saved_fast(la: Lookahead, fast: Mapping[str, Any]) -> None:
-    """Saved fast weights must name parameters of the module, with their shapes, and cover every
-    parameter the attached optimizers train now (a ``ValueError`` naming the entry otherwise)."""
+    """Saved fast weights must name parameters of the module, with their shapes (a ``ValueError``
+    naming the entry otherwise); trained parameters they lack are named in a warning."""
     params = dict(la.module.named_parameters())
     for name, t in fast.items():
         p = params.get(name)
@@ -128,11 +128,15 @@ def check_saved_fast(la: Lookahead, fast: Mapping[str, Any]) -> None:
     trained = [la._names[p] for opt in la.optimizers for g in opt.param_groups for p in g["params"]
                if p.requires_grad and p in la._names]
     missing = [n for n in trained if n not in fast]
-    if missing:
-        raise ValueError(
-            f"Lookahead: the saved fast weights lack {len(missing)} parameter(s) that the optimizers train, e.g."
-            f" {missing[:5]}; the checkpoint does not belong to this model (or was damaged)"
+    if missing:  # legitimate when they were frozen at save time (a fine-tuning schedule): say so, never silently
+        warnings.warn(
+            f"Lookahead: the saved state has no fast weights for {len(missing)} parameter(s) that the optimizers train"
+            f" now, e.g. {missing[:5]} (frozen when it was saved?); they join at their optimizer's next sync with"
+            " slow = their current values.",
+            RuntimeWarning,
+            stacklevel=4,
         )
+
 
 def state_dict(la: Lookahead) -> dict[str, Any]:
     """Everything needed to resume exactly, ``torch.optim`` style (see :meth:`load_state_dict`).
