@@ -44,7 +44,9 @@ class LookaheadCallback(Callback):
     deployable model without this callback. The fast weights and step counters ride along in the
     checkpoint, so ``trainer.fit(..., ckpt_path=path)`` continues exactly. From this callback's
     ``on_train_end`` on (so in ``LightningModule.on_train_end``, in every callback listed after
-    this one, and in ``on_fit_end``) the module holds the slow weights.
+    this one, and in ``on_fit_end``) the module holds the slow weights. During training the trained
+    parameters are views of one flat buffer per (device, dtype) (see :class:`~lightning_lookahead.Lookahead`);
+    when fit ends, also by an exception, every parameter owns its storage again.
 
     Args:
         k: optimizer steps between syncs (per optimizer), an int >= 1.
