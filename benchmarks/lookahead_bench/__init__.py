@@ -9,6 +9,7 @@
 - ``training``: the training-overhead suite (Lightning fits with and without the callback).
 - ``memory``: the peak / persistent memory suite (fresh subprocess, resident-set readings).
 - ``cuda``: the sync-and-swap grid on a CUDA device, float32 and bfloat16, timed with CUDA events.
-- ``report``: machine description, ``results*.json`` and ``RESULTS*.md``.
+- ``tables``: the grid's Markdown tables and goal lines (CPU and GPU sections alike).
+- ``report``: machine description, ``results*.json`` and ``RESULTS*.md`` (sections, verdicts, prose).
 - ``plot``: ``docs/bench_sync.png``.
 """

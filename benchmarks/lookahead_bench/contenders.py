@@ -8,6 +8,7 @@ A ``make(ps) -> Contender`` function per contender; :data:`SYNC_CONTENDERS` and
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,15 +69,16 @@ def _sgd(params: list[nn.Parameter]) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=0.0)
 
 
-def ours(module: nn.Module, measure_distance: bool = False):
+def ours(module: nn.Module, measure_distance: bool = False, own_copy: bool = True):
     """The package's core (what ``LookaheadCallback`` drives) as a plain-PyTorch user builds it,
     attached to its own copy of ``module``: attaching moves the parameters into the core's flat
-    storage, which must not re-point the tensors the other contenders work on."""
+    storage, which must not re-point the tensors the other contenders work on. ``own_copy=False``:
+    attach to ``module`` itself (already a private copy, e.g. made before a memory baseline)."""
     import copy
 
     from lightning_lookahead.lookahead import Lookahead
 
-    own = copy.deepcopy(module)
+    own = copy.deepcopy(module) if own_copy else module
     la = Lookahead(k=K, alpha=ALPHA, measure_distance=measure_distance)
     la.attach([_sgd(list(own.parameters()))], own)
     return la
@@ -131,6 +133,15 @@ def _flat_sq_norms(theta: Tensor, phi: Tensor) -> Tensor:
     """Read-only pass: ``[||theta - phi||^2, ||phi||^2]`` (2x parameter bytes)."""
     d = theta - phi
     return torch.stack([(d * d).sum(), (phi * phi).sum()])
+
+
+def _blocked_lerp_copy(theta: Tensor, phi: Tensor, alpha: float) -> None:
+    """Our sync without its guard: per cache block of the flat buffers, lerp then copy (4x)."""
+    from lightning_lookahead.outer import blocks
+
+    for t, p in blocks(theta, phi):
+        p.lerp_(t, alpha)
+        t.copy_(p)
 
 
 def _list_lerp_copy(theta: list[Tensor], phi: list[Tensor], alpha: float) -> None:
@@ -200,16 +211,27 @@ def _own_slow(ps: ParamSet, op: Callable[[list[Tensor], list[Tensor], float], No
     return Contender(torch.no_grad()(lambda: op(fast, slow, ALPHA)), lambda: slow)
 
 
-def _c_ours(ps: ParamSet) -> Contender:
-    """The default: guard + lerp + copy on the flat buffers, no distance measurement."""
-    la = ours(ps.module)
+def _c_ours(ps: ParamSet, module: nn.Module | None = None, measure_distance: bool = False) -> Contender:
+    """The default: guard + lerp + copy on the flat buffers, no distance measurement. ``module``:
+    attach to that private copy of ``ps.module`` instead of a fresh deepcopy."""
+    la = ours(ps.module if module is None else module, measure_distance, own_copy=module is None)
     return Contender(lambda: la.sync(0), _ours_held(la))
 
 
-def _c_ours_measured(ps: ParamSet) -> Contender:
+def _c_ours_measured(ps: ParamSet, module: nn.Module | None = None) -> Contender:
     """A sync whose distance a logger row records (the callback asks for it on those syncs only)."""
-    la = ours(ps.module, measure_distance=True)
-    return Contender(lambda: la.sync(0), _ours_held(la))
+    return _c_ours(ps, module, measure_distance=True)
+
+
+def _c_guard(ps: ParamSet) -> Contender:
+    """Our guard alone, as a sync runs it first: one sum over theta in its dtype, one host read (1x)."""
+    return Contender(lambda: math.isfinite(ps.flat.sum().item()))
+
+
+def _c_blocked_update(ps: ParamSet) -> Contender:
+    """Our sync's update alone (no guard, no pointer check) on flat buffers: ``ours`` = guard + this."""
+    phi = ps.flat.clone()
+    return Contender(torch.no_grad()(lambda: _blocked_lerp_copy(ps.flat, phi, ALPHA)), lambda: [phi])
 
 
 def _c_timm(ps: ParamSet) -> Contender:
@@ -241,6 +263,8 @@ SYNC_CONTENDERS: dict[str, Callable[[ParamSet], Contender]] = {
     "copy": _c_copy,  # one copy_ of the parameter bytes: the bound is twice this
     "ours": _c_ours,
     "ours_measured": _c_ours_measured,
+    "guard": _c_guard,
+    "blocked_update": _c_blocked_update,
     "foreach_lerp_copy": lambda ps: _own_slow(ps, _foreach_pair),
     "foreach_guarded": lambda ps: _own_slow(ps, _foreach_guarded),
     "paper_loop": lambda ps: _own_slow(ps, _paper_sync, params=True),
@@ -266,21 +290,23 @@ def compiled_contenders(ps: ParamSet, compiled: Compiled, with_list: bool) -> di
 
 # traffic per sync in parameter bytes (reads + writes, not counting write-allocate)
 TRAFFIC = {
-    "copy": 2, "ours": 5, "ours_measured": 5, "foreach_lerp_copy": 5, "foreach_guarded": 6, "compiled_flat_4x": 4,
-    "compiled_flat_guarded": 6, "compiled_list_4x": 4, "paper_loop": 10, "timm": 8,
-    "pytorch_optimizer": 5, "torch_optimizer": 7,
+    "copy": 2, "ours": 5, "ours_measured": 5, "guard": 1, "blocked_update": 4,
+    "foreach_lerp_copy": 5, "foreach_guarded": 6, "compiled_flat_4x": 4, "compiled_flat_guarded": 6,
+    "compiled_list_4x": 4, "paper_loop": 10, "timm": 8, "pytorch_optimizer": 5, "torch_optimizer": 7,
 }  # fmt: skip
 PEERS = ("paper_loop", "timm", "pytorch_optimizer", "torch_optimizer")
+PARTS = ("ours_measured", "guard", "blocked_update")  # ours with the distance, and ours in two parts
 FUSED = (
-    "ours_measured", "foreach_lerp_copy", "foreach_guarded", "compiled_flat_4x", "compiled_flat_guarded",
+    "foreach_lerp_copy", "foreach_guarded", "compiled_flat_4x", "compiled_flat_guarded",
     "compiled_list_4x",
 )  # fmt: skip
 
 # ====================================================================================== eval swap: contenders
 
 
-def _s_ours(ps: ParamSet) -> Contender:
-    la = ours(ps.module)
+def _s_ours(ps: ParamSet, module: nn.Module | None = None) -> Contender:
+    """Round trip of the eval swap: re-points every parameter at the slow buffer's views and back."""
+    la = ours(ps.module if module is None else module, own_copy=module is None)
 
     def round_trip() -> None:
         la.use_slow()

@@ -17,8 +17,8 @@ def plot(grid: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     counts = sorted({r["tensors"] for r in grid})
-    names = ["ours", "ours_lean", "foreach_lerp_copy", "compiled_flat_guarded", "compiled_flat_4x", *PEERS]
-    styles = dict(zip(names, ["o-", "o--", "s--", "D-", "d:", "v-", "^-", "x--", "+-."]))
+    names = ["ours", "ours_measured", "blocked_update", "foreach_lerp_copy", "compiled_flat_4x", *PEERS]
+    styles = dict(zip(names, ["o-", "o--", "s:", "D--", "d:", "v-", "^-", "x--", "+-."]))
     fig, axes = plt.subplots(2, len(counts), figsize=(5 * len(counts), 8.4), sharex=True, sharey="row", squeeze=False)
     for col, n_t in enumerate(counts):
         rows = sorted((r for r in grid if r["tensors"] == n_t), key=lambda r: r["params"])

@@ -1,5 +1,6 @@
-"""Writing the results: the machine description, ``results*.json`` and ``RESULTS*.md`` (tables,
-goal verdicts, the GPU section from ``results_cuda*.json`` when a CUDA run left one)."""
+"""Writing the results: the machine description, ``results*.json`` and ``RESULTS*.md`` (the
+sections, their goal verdicts and the prose on how to read them; the grid tables come from
+``tables.py``; the GPU section from ``results_cuda*.json`` when a CUDA run left one)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,32 @@ import os
 import platform
 import re
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import ROOT
-from .contenders import FUSED, PEERS, SWAP_CONTENDERS, TRAFFIC
+from .contenders import TRAFFIC
+from .tables import (
+    bound_breakdown,
+    bound_goal,
+    bound_table,
+    fixed_cost,
+    fmt,
+    measured_line,
+    peer_goals,
+    peer_table,
+    short_of_two,
+    slower_breakdown,
+    slower_cells,
+    swap_table,
+    table,
+    traffic_line,
+    two_x_breakdown,
+    update_vs_peer,
+    verdict,
+)
 
 # ====================================================================================== machine and files
 
@@ -46,6 +65,7 @@ def machine() -> dict[str, Any]:
         "pytorch_optimizer": version("pytorch_optimizer"),
         "torch_optimizer": version("torch-optimizer"),
         "python": platform.python_version(),
+        "load_average": list(os.getloadavg()),  # 1, 5, 15 min, at the start: other work on the machine
         "gpu": "not measured (no device lent)",
         "package_commit": run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]).strip(),
         "package_dirty": bool(run(["git", "-C", str(ROOT), "status", "--porcelain", "lightning_lookahead"]).strip()),
@@ -61,117 +81,6 @@ def load_results(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-# ====================================================================================== formatting
-
-
-def _fmt(s: dict[str, float], digits: int = 2, pct: bool = False, spec: str = "") -> str:
-    """``median [q1, q3]`` of a Summary dict (fixed-point ``digits``, a percentage, or a format ``spec``)."""
-    f = (lambda v: f"{100 * v:+.{digits}f}%") if pct else (lambda v: format(v, spec or f".{digits}f"))
-    return f"{f(s['median'])} [{f(s['q1'])}, {f(s['q3'])}]"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def _verdict(ok: bool) -> str:
-    return "**met**" if ok else "**missed**"
-
-
-def _count_ok(rows: list[dict[str, Any]], key: str, names: str | tuple[str, ...], ok: Callable[[float], bool]) -> str:
-    """'**met** (n/n cells)' when ``ok`` holds for the median of every row (the worst of ``names``)."""
-    names = (names,) if isinstance(names, str) else names
-    hits = [ok(min(r[key][n]["median"] for n in names)) for r in rows]
-    return f"{_verdict(bool(hits) and all(hits))} ({sum(hits)}/{len(hits)} cells)"
-
-
-def _training_goals(t: dict[str, Any]) -> tuple[bool, bool]:
-    nonsync = t["overhead_nonsync"]
-    total, predicted = t["overhead_total_k5"], t["predicted_in_situ_sync_over_k"]["median"]
-    expected = nonsync["median"] + predicted
-    within = total["q1"] - 0.005 <= expected <= total["q3"] + 0.005  # IQR, widened by half a point
-    return nonsync["median"] <= 0.01, within
-
-
-def _pick(rows: list[dict[str, Any]], params: int, tensors: int) -> dict[str, Any] | None:
-    cands = [r for r in rows if r["tensors"] == tensors and r["params"] <= params]
-    return max(cands, key=lambda r: r["params"]) if cands else None
-
-
-# ====================================================================================== grid tables (CPU and GPU)
-
-
-def _fused(grid: list[dict[str, Any]]) -> list[str]:
-    """The fused alternatives measured in this grid (the compiled ones may be absent)."""
-    return [n for n in FUSED if any(n in r["ratio_to_bound"] for r in grid)]
-
-
-def _traffic_line(fused: list[str]) -> str:
-    return ", ".join(f"{n} {TRAFFIC[n]}x" for n in ("ours", *fused, *PEERS))
-
-
-def _bound_table(grid: list[dict[str, Any]], fused: list[str]) -> str:
-    rows = []
-    for r in grid:
-        rb = r["ratio_to_bound"]
-        rows.append(
-            [f"{r['params']:.0e}", str(r["tensors"]), f"{r['copy_GBps']:.1f}",
-             f"{2e3 * r['time_s']['copy']['median']:.3f}", f"{1e3 * r['time_s']['ours']['median']:.3f}"]
-            + [_fmt(rb[n]) if n in rb else "n/a" for n in ("ours", *fused)]
-        )  # fmt: skip
-    return _table(["params", "tensors", "copy GB/s", "bound ms", "ours ms", "ours", *fused], rows)
-
-
-def _bound_goal(grid: list[dict[str, Any]]) -> str:
-    big = [r for r in grid if r["params"] >= 1e7]
-    return (
-        f"Goal <= 1.3x bound, at >= 1e7 parameters (where the bound, not per-op cost, is what is measured):"
-        f" `ours` (default, logs the distance) {_count_ok(big, 'ratio_to_bound', 'ours', lambda v: v <= 1.3)};"
-        f" `ours_lean` (`log_stats=False`) {_count_ok(big, 'ratio_to_bound', 'ours_lean', lambda v: v <= 1.3)}."
-        " Over all sizes: `ours` "
-        f"{_count_ok(grid, 'ratio_to_bound', 'ours', lambda v: v <= 1.3)},"
-        f" `ours_lean` {_count_ok(grid, 'ratio_to_bound', 'ours_lean', lambda v: v <= 1.3)}."
-    )
-
-
-def _peer_tables(grid: list[dict[str, Any]], fused: list[str]) -> list[str]:
-    """Peers over ``ours`` (with the fused alternatives), then peers over ``ours_lean``, then the goal lines."""
-    rows3 = [
-        [f"{r['params']:.0e}", str(r["tensors"]), f"{1e3 * r['time_s']['ours']['median']:.3f}"]
-        + [_fmt(r["time_over_ours"][n]) for n in PEERS]
-        + [_fmt(r["time_over_ours"][n]) if n in r["time_over_ours"] else "n/a" for n in fused]
-        for r in grid
-    ]
-    out = [_table(["params", "tensors", "ours ms", *PEERS, *fused], rows3), ""]
-    many = [r for r in grid if r["tensors"] >= 100]
-    out += ["Same peers against `ours_lean` (`log_stats=False`, the like-for-like comparison: no peer measures a distance):", ""]
-    rows3b = [
-        [f"{r['params']:.0e}", str(r["tensors"]), f"{1e3 * r['time_s']['ours_lean']['median']:.3f}"]
-        + [_fmt(r["time_over_lean"][n]) for n in PEERS]
-        for r in grid
-    ]
-    out += [_table(["params", "tensors", "ours_lean ms", *PEERS], rows3b), ""]
-    for key, label in (("time_over_ours", "`ours`"), ("time_over_lean", "`ours_lean`")):
-        out += [
-            f"- {label} >= 2x faster than the per-parameter loops (paper, timm) at >= 100 tensors:"
-            f" {_count_ok(many, key, ('paper_loop', 'timm'), lambda v: v >= 2)};"
-            f" never slower than pytorch_optimizer: {_count_ok(grid, key, 'pytorch_optimizer', lambda v: v >= 1.0)}.",
-        ]
-    return out
-
-
-def _swap_table(grid: list[dict[str, Any]]) -> str:
-    swaps = [n for n in SWAP_CONTENDERS if n != "swap_ours"]
-    rows4 = [
-        [f"{r['params']:.0e}", str(r["tensors"]), f"{1e6 * r['time_s']['swap_ours']['median']:.1f}",
-         _fmt(r["swap_over_copy"]["swap_ours"], spec=".2g")]
-        + [f"{_fmt(r['swap_over_ours'][n], digits=1)} / {_fmt(r['swap_over_copy'][n], digits=1)}" for n in swaps]
-        for r in grid
-    ]  # fmt: skip
-    return _table(["params", "tensors", "ours µs", "ours / copy", *(f"{n[5:]}: / ours, / copy" for n in swaps)], rows4)
-
-
 # ====================================================================================== RESULTS.md
 
 
@@ -185,6 +94,7 @@ def write_report(res: dict[str, Any], md_path: Path, png_path: Path, cuda: dict[
         f"Command: `{res['command']}` ({res['date']}, {res['wall_s']:.0f} s wall).  ",
         f"Machine: {m['cpu']}, {m['cpus']} CPUs (`nproc` = {m['nproc']}, {m['hypervisor'] or 'bare metal'} VM, shared"
         f" with other work), caches {', '.join(f'{k} {v}' for k, v in m['caches'].items())}, {m['mem_GiB']} GiB RAM.  ",
+        _load_line(res),
         f"Software: Python {m['python']}, torch {m['torch']} (CPU, {m['torch_threads']} thread(s)), lightning"
         f" {m['lightning']}, pytorch_optimizer {m['pytorch_optimizer']}, torch_optimizer {m['torch_optimizer']}.  ",
         f"Package: lightning_lookahead at commit {m['package_commit']}"
@@ -193,7 +103,19 @@ def write_report(res: dict[str, Any], md_path: Path, png_path: Path, cuda: dict[
         "",
         "All contenders of a table were timed in the same process, interleaved round-robin with a rotating order;"
         " cells are `median [q1, q3]` over rounds, and every ratio is taken per round (paired) before the"
-        " median. Raw medians, quartiles and min/max are in `results.json`.",
+        " median. On a loaded machine the absolute times wander; the paired ratios are the comparison to read."
+        " Raw medians, quartiles and min/max are in `results.json`.",
+        "",
+        "What is measured (the core since the flat-storage sync): at attach the trained parameters of each"
+        " (device, dtype) move into one flat buffer (each `p.data` becomes a view of it; the Parameter objects,"
+        " the optimizer and DDP's reducer stay the same) and the slow weights phi are one flat tensor with the"
+        " same layout. A sync checks that every parameter still points where it was put (one pointer comparison"
+        " per parameter), then guards: `theta.sum()` in theta's dtype is finite only if every element is (a"
+        " non-finite sum falls back to an exact min/max check), one host read, before anything is written. Then,"
+        " per ~128K-element cache block on CPU, `phi.lerp_(theta, alpha); theta.copy_(phi)`. The distance"
+        " ||theta - phi|| / ||phi|| is measured only when asked (`measure_distance`; the callback asks on the"
+        " syncs whose value reaches a logger row), per block while it is in cache. The eval swap re-points each"
+        " parameter at its view of the other buffer.",
         "",
     ]
     out += _training_section(res)
@@ -201,79 +123,125 @@ def write_report(res: dict[str, Any], md_path: Path, png_path: Path, cuda: dict[
     out += _peer_section(res["sync_grid"], md_path, png_path)
     out += _swap_memory_section(res)
     out += ["## 5. GPU", ""] + (_gpu_section(cuda) if cuda else [f"GPU: {m['gpu']}.", ""])
-    out += ["## Suggestion for the core", ""]
-    out += _recommendation(res["sync_grid"])
     md_path.write_text("\n".join(out) + "\n")
+
+
+def _load_line(res: dict[str, Any]) -> str:
+    """The load average at the start and the end of the run (other work sharing the cores)."""
+    start, end = res["machine"].get("load_average"), res.get("load_average_end")
+    if start is None:
+        return "Load average: not recorded.  "
+    parts = [f"{when} {', '.join(f'{v:.2f}' for v in avg)}" for when, avg in (("start", start), ("end", end)) if avg]
+    return f"Load average (1, 5, 15 min): {'; '.join(parts)}, on {res['machine']['nproc']} cores.  "
+
+
+def _training_goals(t: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """(non-sync overhead <= 1%, total k=5 <= 1% + in-situ sync/k, in-situ sync <= 1.5x its in-situ bound)."""
+    predicted = t["predicted_in_situ_sync_over_k"]["median"]
+    return (
+        t["overhead_nonsync"]["median"] <= 0.01,
+        t["overhead_total_k5"]["median"] <= 0.01 + predicted,
+        t["sync_over_bound_in_situ"]["median"] <= 1.5,
+    )
 
 
 def _training_section(res: dict[str, Any]) -> list[str]:
     out = ["## 1. Training overhead (Lightning fit, SGD momentum, batch 40)", ""]
     trows, goals = [], []
     for t in res["training"]:
-        g_nonsync, g_total = _training_goals(t)
-        goals.append((t["task"], g_nonsync, g_total))
+        goals.append((t, *_training_goals(t)))
         sps = t["steps_per_s_median"]
         trows.append([
             f"{t['task']} ({t['tensors']} tensors, {t['params']:,} params)",
             f"{sps['plain']:.1f} / {sps['lookahead_k5']:.1f} / {sps['lookahead_nosync']:.1f}",
-            _fmt(t["overhead_nonsync"], pct=True),
-            _fmt(t["overhead_total_k5"], pct=True),
-            _fmt(t["overhead_k5_over_nosync"], pct=True),
-            _fmt(t["control_half_lr_vs_plain"], pct=True),
-            f"{_fmt(t['predicted_in_situ_sync_over_k'], pct=True)} ({_fmt(t['predicted_sync_over_k'], pct=True)})",
+            fmt(t["overhead_nonsync"], pct=True),
+            fmt(t["overhead_total_k5"], pct=True),
+            fmt(t["control_half_lr_vs_plain"], pct=True),
+            f"{fmt(t['predicted_in_situ_sync_over_k'], pct=True)} ({fmt(t['predicted_sync_over_k'], pct=True)})",
             f"{1e6 * t['sync_in_situ_s']['median']:.0f} ({1e6 * t['sync_s']['median']:.0f})",
+            fmt(t["sync_over_bound_in_situ"]),
         ])  # fmt: skip
     out += [
-        _table(
+        table(
             ["task", "steps/s plain / k=5 / k=1e9", "non-sync overhead (k=1e9 vs plain)", "total overhead k=5",
-             "k=5 vs k=1e9", "control: plain at lr/2 vs plain", "predicted sync/k: in situ (hot loop)", "one sync µs: in situ (hot loop)"],
+             "control: plain at lr/2 vs plain", "sync/k: in situ (hot loop)", "one sync µs: in situ (hot loop)",
+             "one sync / bound, in situ"],
             trows,
         ),  # fmt: skip
         "",
         f"Timed window: {res['config']['train_steps']} optimizer steps after {res['config']['train_warmup']} warm-up"
         f" steps, in blocks of 5 steps (each block of the k=5 run holds exactly one sync); a run's step time is its"
-        f" median block / 5, and {res['config']['train_repeats']} rounds give the quartiles. `predicted sync/k` ="
+        f" median block / 5, and {res['config']['train_repeats']} rounds give the quartiles. `sync/k` ="
         " (one sync) / 5 / (plain step time), with the sync timed in situ (every sync of the k=5 run, with the"
         " caches as training leaves them) and, in parentheses, in a hot loop on the same model in the same rounds."
-        " The goal check uses the in-situ cost: total k=5 overhead within its IQR (+-0.5 point) of"
-        " non-sync overhead + in-situ sync / k. Control: the step time of these CPU models depends on the weights"
-        " themselves (a plain run at half the learning rate follows another trajectory and runs at another speed),"
-        " and Lookahead changes the trajectory, so part of `k=5 vs k=1e9` is not the callback's work at all.",
+        " The in-situ bound is 2 x one `copy_` of the parameter bytes, timed right after each sync between two"
+        " buffers last touched at the previous sync (that copy is not counted in the k=5 step time). No logger is"
+        " attached, so no sync measures the distance. Control: the step time of these CPU models depends on the"
+        " weights themselves (a plain run at half the learning rate follows another trajectory and runs at"
+        " another speed), and Lookahead changes the trajectory, so part of the total overhead is not the"
+        " callback's work at all.",
         "",
     ]
-    for task, g1, g2 in goals:
+    for t, g_nonsync, g_total, g_bound in goals:
+        limit = 0.01 + t["predicted_in_situ_sync_over_k"]["median"]
+        total, nonsync = t["overhead_total_k5"], t["overhead_nonsync"]
         out.append(
-            f"- {task}: non-sync overhead <= 1%: {_verdict(g1)} (median; the IQR is this shared machine's noise);"
-            f" total k=5 overhead within noise of non-sync + in-situ sync/k: {_verdict(g2)}."
+            f"- {t['task']}: goal total k=5 overhead <= 1% + sync/k ({100 * limit:.2f}%): {verdict(g_total)}"
+            f" ({fmt(total, pct=True)}{_unresolved(total, limit)}); goal one sync <= 1.5x its bound in situ:"
+            f" {verdict(g_bound)} ({t['sync_over_bound_in_situ']['median']:.2f}x); goal non-sync overhead <= 1%:"
+            f" {verdict(g_nonsync)} ({fmt(nonsync, pct=True)}{_unresolved(nonsync, 0.01)})."
         )
-    out.append("")
+    out += [
+        "",
+        "How to read it: the median of one fit against another moves by several percent on this shared machine"
+        " (see the control column: two plain runs differ by as much), so an overhead whose IQR contains its"
+        " limit is not resolved here. One sync, in situ / hot loop / in-situ bound (median µs): "
+        + "; ".join(
+            f"{t['task']} {1e6 * t['sync_in_situ_s']['median']:.0f} / {1e6 * t['sync_s']['median']:.0f} /"
+            f" {1e6 * t['bound_in_situ_s']['median']:.0f}"
+            for t in res["training"]
+        )
+        + ". At these model sizes the bound is tens to hundreds of µs, so the sync's per-sync work that is not"
+        " bytes (section 2: the rest at the smallest size) weighs as much as its traffic, and in situ that work"
+        " runs with the caches (code and data) as the training step left them.",
+        "",
+    ]
     return out
+
+
+def _unresolved(s: dict[str, float], limit: float) -> str:
+    """A note when the limit lies inside the IQR: the median's side of it is this machine's noise."""
+    return "; the limit is inside the IQR" if s["q1"] <= limit <= s["q3"] else ""
 
 
 def _bound_section(res: dict[str, Any]) -> list[str]:
     grid = res["sync_grid"]
-    fused = _fused(grid)
+    floor = TRAFFIC["ours"] / (2 * TRAFFIC["copy"])
     out = [
         "## 2. One sync vs the physical bound",
         "",
         "bound = 2 x t(`dst.copy_(src)` over the parameter bytes), timed on a flat tensor of the same size in the"
-        " same rounds. Cells: time / bound. Traffic model in parameter bytes: "
-        + _traffic_line(fused)
-        + ". `ours_flat_eager` is the package's own sync on one flat tensor (isolates the per-tensor cost).",
+        " same rounds: a sync must read theta and phi and write both (4x the parameter bytes), twice the traffic"
+        " of a copy. Cells: time / bound. Traffic model in parameter bytes: " + traffic_line(grid) + ".",
         "",
-    ]
-    out += [_bound_table(grid, fused), ""]
-    out += [
-        _bound_goal(grid),
+        "`ours_measured` is `ours` with the distance measured on every sync; `guard` (the sum over theta and its"
+        " host read) and `blocked_update` (the per-block lerp + copy on flat buffers, no guard, no pointer check)"
+        " are the two parts of `ours` timed alone, so `ours` ~ guard + update + the pointer check. The compiled"
+        " and foreach alternatives are timed on the same tensors for comparison; `compiled_flat_4x` (one fused"
+        " kernel, no guard) is the floor.",
         "",
-        "Why `ours` cannot reach 1.3x: guarding phi against inf/nan in theta must read every fast weight *before*"
-        " phi is touched (the 4x floor becomes 6x, `ours_lean`), and logging ||theta - phi|| / ||phi|| adds a"
-        " read of theta and phi for the difference (into a block-sized temporary) and the norms (8x nominal; on"
-        " CPU the cache blocking keeps each block's later passes in cache). Below ~1e6 parameters each `_foreach_*` call on CPU costs more than the bytes it moves (CPU"
-        " foreach is a per-tensor loop in C++, not a multi-tensor kernel), so those cells measure op count, not"
-        " bandwidth (compare `ours_flat_eager`, the same algorithm on one flat tensor, and `compiled_flat_guarded`,"
-        " a torch.compile'd two-pass version over flat storage that reaches ~1.25x: it needs the parameters"
-        " re-pointed into one flat buffer, which we do not impose on a user's model).",
+        bound_table(grid),
+        "",
+        bound_goal(grid),
+        "",
+        f"How to read it: the guard must read all of theta before anything is written (an inf/nan theta must"
+        f" leave phi untouched), so a bandwidth-bound `ours` moves {TRAFFIC['ours']}x the parameter bytes against"
+        f" the bound's {2 * TRAFFIC['copy']}x, i.e. {floor:.2f}x the bound by the traffic model, leaving little"
+        " room under 1.3x for the rest: the per-sync work that is not bytes (the checks of every parameter's"
+        " pointer and sharding, the block loop, the host read). Measured at >= 1e7 parameters (x bound, medians;"
+        f" rest = ours - guard - update, noise where negative): {bound_breakdown(grid) or 'no such cells'}."
+        f" The rest at the smallest size, where the bytes cost next to nothing (median µs): {fixed_cost(grid)}; the same per-tensor cost is"
+        " what the 1000-tensor cells add.",
         "",
     ]
     if res.get("compile_info", {}).get("compile_errors"):
@@ -285,29 +253,58 @@ def _peer_section(grid: list[dict[str, Any]], md_path: Path, png_path: Path) -> 
     out = [
         "## 3. Against the peers (same tensors, same rounds)",
         "",
-        "Cells: peer time / ours time (> 1: ours is faster). `timm` is a faithful re-implementation of"
+        "Cells: other time / ours time (> 1: ours is faster). `timm` is a faithful re-implementation of"
         " `timm.optim.lookahead.Lookahead.update_slow` (timm is not installed: it pins another torch);"
         " `paper_loop` is the paper's per-parameter `.data` loop; `pytorch_optimizer` / `torch_optimizer` call the"
-        " installed wrappers' own update (`update(group)` / `_update(group)`).",
+        " installed wrappers' own update (`update(group)` / `_update(group)`). Every one of them works per tensor;"
+        " none guards against inf/nan or measures a distance.",
         "",
-    ]
-    out += _peer_tables(grid, _fused(grid))
-    out += [
+        peer_table(grid),
         "",
-        "pytorch_optimizer's update is the bare `_foreach_lerp_ + _foreach_copy_` pair (5x, no guard, no distance).",
+        *peer_goals(grid),
         "",
-        "Why: on CPU, `torch._foreach_*` has no multi-tensor kernel (ATen's CPU path loops over the tensors in C++),"
-        " so it saves only the Python dispatch per tensor over a Python loop. `ours` issues 5 foreach ops + 2 norm"
-        " reductions, `ours_lean` 3 ops + 1 norm, the loops 3-4 ops per tensor; at many small tensors that op count"
-        " is the cost (see `ours_flat_eager`: the same algorithm on one flat tensor). At large tensors the cost is"
-        " traffic: the guard's read of theta is the 1x that `ours_lean` pays over pytorch_optimizer's unguarded"
-        " pair. Both of ours run per ~128K-element cache block on CPU so consecutive ops reuse L2, which is the"
-        " locality a per-parameter loop gets for free. The >= 2x-over-loops goal assumes multi-tensor kernels"
-        " (CUDA); on CPU only fewer passes/ops or flat storage can meet it.",
+        measured_line(grid),
         "",
+        *_peer_explanation(grid),
         f"![sync time vs parameter count]({os.path.relpath(png_path, md_path.parent)})",
         "",
     ]
+    return out
+
+
+def _peer_explanation(grid: list[dict[str, Any]]) -> list[str]:
+    """Why the peer goals land where they do; the numbers come from the grid."""
+    out = [
+        "How to read it: `ours` costs a handful of ops on flat tensors plus one pointer comparison per parameter,"
+        " whatever the tensor count; every peer issues two to four ops per tensor from Python (pytorch_optimizer:"
+        " `lerp_` + `copy_` per parameter, with a state lookup each). With many tensors the peers' per-tensor cost"
+        " dominates, with few large tensors both are bound by memory traffic.",
+        "",
+    ]
+    cells = slower_cells(grid)
+    if cells:
+        out += [
+            "Where pytorch_optimizer is faster (few tensors, each large enough that its two ops per tensor cost"
+            " little): its update is unguarded, a per-tensor `lerp_` + `copy_` whose `copy_` re-reads phi from"
+            " the cache `lerp_` just wrote when the tensor fits in cache, the locality our update gets by cache"
+            f" blocking. `ours` first reads all of theta for the guard (nothing may be written before the guard"
+            f" has seen every element), {TRAFFIC['ours']}x the bytes in all, plus its per-sync rest. Measured, x"
+            f" bound (medians; rest = ours - guard - update): {slower_breakdown(cells)}. Our update alone is no"
+            f" slower than pytorch_optimizer's in {update_vs_peer(cells)} of these cells: the guard's read of theta"
+            " and the per-sync rest are what loses them.",
+            "",
+        ]
+    short = short_of_two(grid)
+    if short:
+        out += [
+            "Where the 2x margin at >= 100 tensors is missed, pytorch_optimizer's per-tensor cost is too small a"
+            " share of its time for one flat layout to halve it: both spend their time in the same eager `lerp_` and"
+            " `copy_` kernels, ours reads theta once more for the guard, and ours' rest grows with the tensor count."
+            " Ratio pytorch_optimizer / ours, then each x bound (medians): " + two_x_breakdown(short) + ". Only a"
+            " fused one-pass kernel (`compiled_flat_4x`, no guard) gets below the eager pair; on this CPU the bound"
+            " (two eager `copy_`) is not the floor it is on paper.",
+            "",
+        ]
     return out
 
 
@@ -316,11 +313,13 @@ def _swap_memory_section(res: dict[str, Any]) -> list[str]:
         "## 4. Evaluation swap and peak extra memory",
         "",
         "Swap round trip (slow weights in, fast weights back). Cells: time / ours, and time / one `copy_` of the"
-        " parameters. WeightAveraging = `WeightAveraging._swap_models` (per parameter: clone + 2 copies);"
-        " pytorch_optimizer = `backup_and_load_cache` + `clear_and_load_backup`.",
+        " parameters. Ours re-points each parameter at its view of the other flat buffer (no bytes move, so its"
+        " time grows with the tensor count, not the parameter bytes); WeightAveraging = `WeightAveraging._swap_models`"
+        " (per parameter: clone + 2 copies); pytorch_optimizer = `backup_and_load_cache` + `clear_and_load_backup`.",
+        "",
+        swap_table(res["sync_grid"]),
         "",
     ]
-    out += [_swap_table(res["sync_grid"]), ""]
     mem = [r for r in res["memory"] if "error" not in r]
     if mem:
         mb = mem[0]["param_bytes"]
@@ -328,22 +327,26 @@ def _swap_memory_section(res: dict[str, Any]) -> list[str]:
             f"Memory, fresh process per row, model {mb / 1e6:.0f} MB float32 in {mem[0]['tensors']} tensors,"
             " resident set (VmRSS; peak = VmHWM after a reset via /proc/self/clear_refs), glibc forced to mmap"
             " blocks >= 64 KiB so freed tensors leave the resident set. In parameter bytes: persistent = kept"
-            " between calls; transient = extra peak during one call; counted = bytes of the tensors the method keeps.",
+            " between calls; transient = extra peak during one call; counted = bytes of the tensors the method keeps."
+            " Ours attaches to a copy of the model made before the baseline is read (attaching moves the parameters"
+            " into its flat buffer and frees their old storage), so its rows count what the core adds.",
             "",
-            _table(
+            table(
                 ["method", "op", "persistent", "transient", "peak extra", "counted"],
                 [[r["method"], r["op"], f"{r['persistent_x']:.3f}", f"{r['transient_x']:.3f}",
                   f"{r['peak_extra_x']:.3f}", f"{r['counted_held_x']:.3f}"] for r in mem],
             ),  # fmt: skip
             "",
         ]
-        ours_swap = next((r for r in mem if r["method"] == "ours" and r["op"] == "swap"), None)
-        if ours_swap:
-            ok = ours_swap["peak_extra_x"] <= 1.02 and ours_swap["transient_x"] <= 0.02
+        ours = {r["op"]: r for r in mem if r["method"] == "ours"}
+        if ours:
+            ok = all(r["peak_extra_x"] <= 1.02 and r["transient_x"] <= 0.02 for r in ours.values())
+            detail = ", ".join(
+                f"{op} {r['peak_extra_x']:.3f}x peak, {r['transient_x']:.3f}x transient" for op, r in ours.items()
+            )
             out += [
-                f"Goal peak extra memory = 1.0x parameters with no per-parameter clones in a swap: {_verdict(ok)}"
-                f" (ours: {ours_swap['peak_extra_x']:.3f}x peak, {ours_swap['transient_x']:.3f}x transient; the swap"
-                " exchanges storage pointers, so its time is independent of the parameter bytes).",
+                f"- Goal peak extra memory = 1.0x parameters (the slow weights), no transient copies in a sync or a"
+                f" swap: {verdict(ok)} (ours: {detail}).",
                 "",
             ]
     for r in res["memory"]:
@@ -363,8 +366,9 @@ def _gpu_section(cuda: dict[str, Any]) -> list[str]:
         "",
         "Same grid, contenders, interleaving and paired ratios as sections 2-4, on the device; each sample is the"
         " time between two CUDA events around its loop of calls (device synchronized before the first and at the"
-        " last), so host waits inside a call (the guard's one `bool()`) count. The bound is 2 x t(`copy_`) in"
-        " the same dtype; the traffic model is in parameter bytes of that dtype.",
+        " last). On CUDA the core keeps the skip decision on the device (`torch.where`, no host read), a"
+        " different path from the CPU's. The bound is 2 x t(`copy_`) in the same dtype; the traffic model is in"
+        " parameter bytes of that dtype.",
         "",
     ]
     for dtype, part in cuda["dtypes"].items():
@@ -372,59 +376,10 @@ def _gpu_section(cuda: dict[str, Any]) -> list[str]:
         if not grid:
             out += [f"### {dtype}", "", f"Not measured: {part.get('error', 'no rows')}", ""]
             continue
-        fused = _fused(grid)
-        out += [f"### {dtype}: one sync vs the bound", "", _bound_table(grid, fused), "", _bound_goal(grid), ""]
+        out += [f"### {dtype}: one sync vs the bound", "", bound_table(grid), "", bound_goal(grid), ""]
         if part.get("compile_info", {}).get("compile_errors"):
             out += [f"torch.compile failures: `{part['compile_info']['compile_errors']}`", ""]
-        out += [f"### {dtype}: against the peers (peer time / ours time)", ""] + _peer_tables(grid, fused) + [""]
-        out += [f"### {dtype}: evaluation swap round trip", "", _swap_table(grid), ""]
+        out += [f"### {dtype}: against the peers (other time / ours time)", "", peer_table(grid), ""]
+        out += [*peer_goals(grid), ""]
+        out += [f"### {dtype}: evaluation swap round trip", "", swap_table(grid), ""]
     return out
-
-
-def _recommendation(grid: list[dict[str, Any]]) -> list[str]:
-    lines = []
-    for tensors in (100, 1000, 10):
-        r = _pick(grid, 10**7, tensors)
-        if r is None:
-            continue
-        t = r["time_over_ours"]
-        parts = [f"{n} {1 / t[n]['median']:.2f}x" for n in ("compiled_flat_guarded", "compiled_flat_4x",
-                 "foreach_guarded", "foreach_lerp_copy", "ours_flat_eager") if n in t]  # fmt: skip
-        lines.append(
-            f"- At {r['params']:.0e} params x {tensors} tensors, speed-up over the current sync: {', '.join(parts)}"
-            f" (current: {r['ratio_to_bound']['ours']['median']:.2f}x bound"
-            + (f"; compiled guarded: {r['ratio_to_bound']['compiled_flat_guarded']['median']:.2f}x bound)."
-               if "compiled_flat_guarded" in r["ratio_to_bound"] else ").")
-        )  # fmt: skip
-    lines += [
-        "",
-        "A guarded two-pass compiled sync keeps every guarantee of `SlowWeights.sync` (phi untouched, and here"
-        " theta too, when theta is not finite; the logged distance; alpha = 1 exact) at 6x instead of 10x traffic"
-        " and one kernel per pass instead of one per tensor. It needs flat storage (phi is ours; theta could be"
-        " re-pointed into a flat buffer per (device, dtype) bucket at attach, which the pointer swap preserves) or"
-        " pays `torch.compile` over the tensor list (see `compiled_list_4x`: guards and per-tensor kernels).",
-        "",
-        SNIPPET,
-    ]
-    return lines
-
-
-SNIPPET = '''```python
-# flat slow buffer phi (owned), theta as views of one flat buffer (or a per-bucket torch.cat-free
-# layout); two compiled kernels, same guarantees as SlowWeights.sync: nothing is written when theta
-# is not finite, and ||theta - phi|| / ||phi|| is logged.
-@torch.compile(dynamic=True)
-def sq_norms(theta, phi):                       # pass 1: read theta, phi (2x)
-    d = theta - phi
-    return torch.stack([(d * d).sum(), (phi * phi).sum()])
-
-@torch.compile(dynamic=True)
-def lerp_copy(theta, phi, alpha: float):        # pass 2: read both, write both (4x)
-    phi.lerp_(theta, alpha)                     # alpha == 1 gives phi == theta exactly
-    theta.copy_(phi)
-
-sq = sq_norms(theta, phi)
-if bool(torch.isfinite(sq[0])):                 # the one host sync, as now
-    lerp_copy(theta, phi, alpha)
-rel = sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-30)
-```'''
