@@ -229,3 +229,23 @@ def test_layer_replaced_mid_fit_joins_lookahead():
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), slow[name])  # after fit: the module holds the slow weights
     assert cb.lookahead.syncs == 6
+
+
+@pytest.mark.parametrize("factory", [ADAM, NESTEROV], ids=["adam", "sgd-nesterov"])
+def test_outer_state_follows_a_dtype_change(factory):
+    """model.double() mid-run: the outer optimizer's state is converted like the model and keeps working."""
+    net, inner, la = _ours(factory, k=2, steps=4)
+    before = {n: {k: v.clone() for k, v in s.items()} for n, s in la.tensors()["outer_state"].items()}
+    net.double()
+    batches = _batches()
+    for x, y in batches[:2]:
+        nn.functional.mse_loss(net(x.double()), y.double()).backward()
+        inner.step()
+        inner.zero_grad()
+    assert la.syncs == 3
+    for name, state in la.tensors()["outer_state"].items():
+        for key, value in state.items():
+            if value.dim():  # moment buffers: float64 now, continued from the float32 values
+                assert value.dtype == torch.float64 and not torch.equal(value, before[name][key].double())
+    for p, s in zip(net.parameters(), la.tensors()["slow"].values()):
+        assert s.dtype == torch.float64 and torch.equal(p.detach(), s)
