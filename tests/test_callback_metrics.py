@@ -78,3 +78,28 @@ def test_prog_bar_measures_the_distance_without_a_logger():
 def test_bad_prog_bar_value_names_the_argument():
     with pytest.raises(ValueError, match="`prog_bar` must be a bool"):
         LookaheadCallback(prog_bar="yes")
+
+
+def test_distance_is_measured_only_on_the_syncs_a_row_records(tmp_path, monkeypatch):
+    """k=2, a row every 10 steps: of the syncs at steps 2, 4, ..., 30 only those at 10, 20, 30 (the
+    last before each row) measure ||theta - phi||, and each row carries a distance."""
+    import csv
+
+    from lightning_lookahead.slow_weights import SlowWeights
+
+    measured = []
+    original = SlowWeights.sync
+
+    def spy(self, measure=False, device_side=True):
+        measured.append(measure)
+        return original(self, measure, device_side)
+
+    monkeypatch.setattr(SlowWeights, "sync", spy)
+    cb = LookaheadCallback(k=2, alpha=0.5)
+    logger = CSVLogger(tmp_path, name="", version="")
+    trainer(max_epochs=5, callbacks=[cb], logger=logger, log_every_n_steps=10).fit(RegressionModule("sgd"), loader())
+    assert len(measured) == 15  # 30 steps, k=2
+    assert [i for i, m in enumerate(measured) if m] == [4, 9, 14]  # the syncs at steps 10, 20, 30
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("lookahead/rel_distance")]
+    assert [int(r["step"]) for r in rows] == [9, 19, 29] and all(float(r["lookahead/rel_distance"]) > 0 for r in rows)
