@@ -216,12 +216,20 @@ class LookaheadCallback(Callback):
         if pending is not None:
             if "sharded_path" in pending:
                 pending = checkpoint_io.load_sharded(self.lookahead, pending["sharded_path"])
-            mine = local_sgd.rank_state(pending.get(local_sgd.PER_RANK_KEY)) if self._local_active else None
-            if mine is not None:  # local SGD: this rank's own fast weights and moments, not rank 0's
+            per_rank = pending.get(local_sgd.PER_RANK_KEY)
+            mine = local_sgd.rank_state(per_rank) if self._local_active else None
+            if per_rank and not self._local_active:
+                self._warn_once(
+                    "per_rank",
+                    f"Lookahead: the checkpoint holds the local-SGD state of {len(per_rank)} ranks; this run (one"
+                    " process, or local_sgd=False) continues from rank 0's fast weights and optimizer state.",
+                )
+            if mine is not None:  # local SGD: this rank's own fast weights, buffers and moments, not rank 0's
                 pending = {**pending, "fast": mine["fast"], "slow_moments": mine["slow_moments"]}
             self.lookahead.load_tensors(pending)
             if mine is not None:
                 local_sgd.load_optimizer_states(trainer.optimizers, mine["optimizers"])
+                local_sgd.load_buffers(self.lookahead.module, mine.get("buffers", {}))
         if state is not None:
             self.lookahead.load_counters(state)
         self._logged_syncs = self.lookahead.syncs + self.lookahead.skipped  # log only syncs from here on

@@ -188,10 +188,10 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def gather_rank_states(la: Lookahead, optimizers: Sequence[Optimizer]) -> list[dict[str, Any]] | None:
-    """Every rank's own state (fast weights, pullback's slow moments, inner optimizer states) as a
-    list in rank order, for rank 0's checkpoint (a collective: call on every rank; ``None`` on the
-    other ranks and in a single process). Host copies; the checkpoint grows by world size x
-    (parameters + optimizer state).
+    """Every rank's own state (fast weights, floating buffers such as BatchNorm statistics,
+    pullback's slow moments, inner optimizer states) as a list in rank order, for rank 0's
+    checkpoint (a collective: call on every rank; ``None`` on the other ranks and in a single
+    process). Host copies; the checkpoint grows by world size x (parameters + optimizer state).
     """
     if world_size() == 1:
         return None
@@ -199,6 +199,7 @@ def gather_rank_states(la: Lookahead, optimizers: Sequence[Optimizer]) -> list[d
     mine = _to_cpu(
         {
             "fast": dict(tensors["fast"]),
+            "buffers": {n: b for n, b in la.module.named_buffers() if b.is_floating_point()},
             "slow_moments": dict(tensors["slow_moments"]),
             "optimizers": [opt.state_dict() for opt in optimizers],
         }
@@ -222,6 +223,15 @@ def rank_state(per_rank: Sequence[Mapping[str, Any]] | None) -> Mapping[str, Any
         )
         return None
     return per_rank[rank()]
+
+
+@torch.no_grad()
+def load_buffers(module: nn.Module, buffers: Mapping[str, Tensor]) -> None:
+    """Overwrite the module's floating buffers with this rank's saved ones (Lightning loads rank 0's)."""
+    own = dict(module.named_buffers())
+    for name, saved in buffers.items():
+        if name in own:
+            own[name].copy_(saved)
 
 
 def load_optimizer_states(optimizers: Sequence[Optimizer], states: Sequence[Mapping[str, Any]]) -> None:

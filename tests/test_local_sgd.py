@@ -327,3 +327,65 @@ def test_sync_averages_weights_and_batchnorm_statistics_in_one_all_reduce_per_dt
         assert torch.equal(post0[name], post1[name]), name
     for name, slow in info0["slow"].items():
         assert torch.equal(slow, info1["slow"][name])
+
+
+def test_local_sgd_checkpoint_resumed_in_one_process_says_whose_state_continues(tmp_path):
+    """A checkpoint with the per-rank states of 2 local-SGD ranks, resumed in one process: rank 0's
+    fast weights continue, and a warning says so (never a silent drop)."""
+    from conftest import RegressionModule, loader, trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_lookahead import LookaheadCallback
+
+    ck = ModelCheckpoint(dirpath=tmp_path, filename="run", save_top_k=-1)
+    trainer(max_epochs=1, callbacks=[LookaheadCallback(k=4), ck], enable_checkpointing=True).fit(
+        RegressionModule("sgd"), loader()
+    )
+    ckpt = torch.load(tmp_path / "run.ckpt", weights_only=True)
+    entry = ckpt["lookahead"]
+    entry["per_rank"] = [{"fast": entry["fast"], "slow_moments": {}, "optimizers": [], "buffers": {}}] * 2
+    torch.save(ckpt, tmp_path / "run.ckpt")
+    with pytest.warns(UserWarning, match="local-SGD state of 2 ranks; this run .* continues from rank 0"):
+        trainer(max_epochs=2, callbacks=[LookaheadCallback(k=4)]).fit(
+            RegressionModule("sgd"), loader(), ckpt_path=tmp_path / "run.ckpt"
+        )
+
+
+def _buffers_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    la = Lookahead(k=100, before_sync=local_sgd.WeightAverager())
+    la.attach([opt], model)
+    torch.manual_seed(1 + rank)
+    model(torch.randn(16, 4) * (1 + rank))  # each rank's own running statistics, mid-round
+    own = {n: b.clone() for n, b in model.named_buffers() if b.is_floating_point()}
+    per_rank = local_sgd.gather_rank_states(la, [opt])
+    everyone = [per_rank]
+    dist.broadcast_object_list(everyone, src=0)  # as every rank reads rank 0's checkpoint
+    with torch.no_grad():
+        for b in model.buffers():
+            b.zero_()
+    local_sgd.load_buffers(model, local_sgd.rank_state(everyone[0])["buffers"])
+    torch.save({"own": own, "restored": dict(model.named_buffers())}, f"{out}/buffers_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_per_rank_checkpoint_entries_carry_each_ranks_batchnorm_statistics(tmp_path):
+    """Each rank gets its own running statistics back from the per-rank checkpoint entries (before,
+    a mid-round resume gave every rank rank 0's)."""
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    mp.start_processes(_buffers_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    saved = [torch.load(tmp_path / f"buffers_rank{r}.pt") for r in (0, 1)]
+    assert not torch.equal(saved[0]["own"]["1.running_mean"], saved[1]["own"]["1.running_mean"])
+    for s in saved:
+        for name, value in s["own"].items():
+            assert torch.equal(s["restored"][name], value), name
