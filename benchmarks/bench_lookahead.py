@@ -35,7 +35,7 @@ medians, the inter-quartile range and min/max, and ratios taken *per round*, i.e
    Lightning's ``WeightAveraging._swap_models`` and ``pytorch_optimizer``'s backup/restore pair.
 4. Memory: persistent and transient (peak) extra bytes of each method's sync and eval swap, as a
    multiple of the parameter bytes, from the resident set (``/proc/self/status`` VmRSS, and VmHWM
-   reset through ``/proc/self/clear_refs``) in a fresh subprocess per method, with glibc told to
+   reset through ``/proc/self/clear_refs``) in one fresh subprocess, with glibc told to
    ``mmap`` every large block (``MALLOC_MMAP_THRESHOLD_``) so freed tensors leave the resident set.
 5. ``--device cuda`` (a separate run): the grid of 2. and 3. and the eval swap on the GPU, in float32
    and bfloat16, each sample timed between CUDA events after a device synchronize; results in

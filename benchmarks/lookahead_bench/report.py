@@ -22,6 +22,7 @@ from .tables import (
     bound_table,
     fixed_cost,
     fmt,
+    loops_short_of_two,
     measured_line,
     peer_goals,
     peer_table,
@@ -240,8 +241,8 @@ def _bound_section(res: dict[str, Any]) -> list[str]:
         " room under 1.3x for the rest: the per-sync work that is not bytes (the checks of every parameter's"
         " pointer and sharding, the block loop, the host read). Measured at >= 1e7 parameters (x bound, medians;"
         f" rest = ours - guard - update, noise where negative): {bound_breakdown(grid) or 'no such cells'}."
-        f" The rest at the smallest size, where the bytes cost next to nothing (median µs): {fixed_cost(grid)}; the same per-tensor cost is"
-        " what the 1000-tensor cells add.",
+        " The rest at the smallest size, where the bytes cost next to nothing (median µs):"
+        f" {fixed_cost(grid)}; the same per-tensor cost is what the 1000-tensor cells add.",
         "",
     ]
     if res.get("compile_info", {}).get("compile_errors"):
@@ -305,6 +306,13 @@ def _peer_explanation(grid: list[dict[str, Any]]) -> list[str]:
             " (two eager `copy_`) is not the floor it is on paper.",
             "",
         ]
+    loops = loops_short_of_two(grid)
+    if loops:
+        out += [
+            "The per-parameter loops fall short of 2x where their per-tensor ops are cheap next to the bytes"
+            f" (loop time / ours time, medians): {loops}.",
+            "",
+        ]
     return out
 
 
@@ -324,7 +332,8 @@ def _swap_memory_section(res: dict[str, Any]) -> list[str]:
     if mem:
         mb = mem[0]["param_bytes"]
         out += [
-            f"Memory, fresh process per row, model {mb / 1e6:.0f} MB float32 in {mem[0]['tensors']} tensors,"
+            f"Memory, one fresh process (the rows one after another, each on its own model), model"
+            f" {mb / 1e6:.0f} MB float32 in {mem[0]['tensors']} tensors,"
             " resident set (VmRSS; peak = VmHWM after a reset via /proc/self/clear_refs), glibc forced to mmap"
             " blocks >= 64 KiB so freed tensors leave the resident set. In parameter bytes: persistent = kept"
             " between calls; transient = extra peak during one call; counted = bytes of the tensors the method keeps."
