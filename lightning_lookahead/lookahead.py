@@ -6,6 +6,7 @@ only maps Trainer hooks onto it.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
@@ -32,6 +33,9 @@ from lightning_lookahead.slow_weights import SlowWeights, SyncStats
 
 class NonFiniteError(FloatingPointError):
     """The fast weights held inf/nan at a sync and ``on_nonfinite="raise"`` was chosen."""
+
+
+_TRAINABLE = operator.attrgetter("requires_grad")
 
 
 class _StepHook:
@@ -258,7 +262,7 @@ class Lookahead:
         # parameters mid-run; without this they would silently train without Lookahead. A cheap
         # signature (group and parameter counts, trainable flags) skips the search when nothing changed.
         groups = self.optimizers[index].param_groups
-        signature = (len(groups), *(len(g["params"]) for g in groups), *(p.requires_grad for g in groups for p in g["params"]))
+        signature = (len(groups), *(len(g["params"]) for g in groups), *(tuple(map(_TRAINABLE, g["params"])) for g in groups))
         if self._signatures.get(index) == signature:
             return
         self._signatures[index] = signature

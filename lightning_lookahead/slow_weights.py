@@ -91,7 +91,7 @@ class Bucket:
         self.ptrs = self._ptrs()
 
     def _ptrs(self) -> list[int]:
-        return [p.data_ptr() for p in self.checked]
+        return list(map(Tensor.data_ptr, self.checked))
 
     def moved(self) -> bool:
         """Whether a parameter left the storage we put it in (one pointer comparison each)."""
@@ -184,6 +184,11 @@ class SlowWeights:
     @property
     def sharded(self) -> list[bool]:
         return [is_sharded(p) for p in self.params]
+
+    @property
+    def any_sharded(self) -> bool:
+        """Whether some parameter is a shard (then every rank must take the same branch): from the buckets."""
+        return any(any(b.sharded) for b in self.buckets)
 
     def add(self, named_params: Sequence[tuple[str, Tensor]], slow: Mapping[str, Tensor] | None = None) -> None:
         """Start slow weights for more parameters: ``slow[name]`` where given (e.g. from the group of
@@ -290,7 +295,7 @@ class SlowWeights:
             return False  # a half-precision sum overflows at ordinary sizes: decide exactly at once
         sums = [t.sum() for t in theta]  # in the tensor's dtype: a float64 accumulation measured 10x slower
         total = sums[0] if len(sums) == 1 else torch.stack([s.to(device, torch.float64) for s in sums]).sum() if sums else None
-        if any(self.sharded):  # every rank must take the same branch (a rank may hold empty shards only)
+        if self.any_sharded:  # every rank must take the same branch (a rank may hold empty shards only)
             total = all_reduce_sum(total if total is not None else torch.zeros((), dtype=torch.float64, device=device))
         return total is None or math.isfinite(total.item())
 
@@ -298,7 +303,7 @@ class SlowWeights:
         """Exactly whether theta is all finite, a 0-dim bool on ``device`` (all-reduced with shards)."""
         parts = [ok.to(device) for b in self.buckets if (ok := b.finite()) is not None]
         ok = parts[0] if len(parts) == 1 else torch.stack(parts).all() if parts else torch.ones((), dtype=torch.bool, device=device)
-        if any(self.sharded):
+        if self.any_sharded:
             ok = all_reduce_sum((~ok).float()) == 0
         return ok
 
