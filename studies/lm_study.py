@@ -262,6 +262,29 @@ def run_study(out: Path, cfg: Config, accelerator: str, workers: int) -> None:
     print(f"study done in {_hms(time.perf_counter() - start)}", flush=True)
 
 
+TIMING_COLUMNS = ["preset", "method", "rep", "lr", "steps", "ms_per_step", "syncs"]
+
+
+def run_timing(out: Path, cfg: Config, accelerator: str, reps: int = 4, steps: int = 140) -> None:
+    """Time per training step of each method in short fits run one at a time in this process, the
+    methods interleaved (rotated each repetition) so that a change in the machine's load hits all of
+    them alike; a first AdamW fit warms up and is discarded. Writes lm_study_timing.csv (replaced)."""
+    _quiet(cfg.threads)
+    short = replace(cfg, max_steps=steps, eval_every=steps, val_windows=16)
+    lr = cfg.lrs[len(cfg.lrs) // 2]
+    fit_one(BASELINE, lr, 0, short, accelerator)  # warm-up
+    rows, methods = [], list(cfg.methods)
+    for rep in range(reps):
+        for m in methods[rep % len(methods):] + methods[: rep % len(methods)]:
+            row, _ = fit_one(m, lr, 0, short, accelerator)
+            rows.append({"preset": cfg.name, "method": m, "rep": rep, "lr": lr, "steps": row["steps_done"],
+                         "ms_per_step": row["ms_per_step"], "syncs": row["syncs"]})  # fmt: skip
+            print(f"timing rep {rep} {m:9s} {row['ms_per_step']:.1f} ms/step", flush=True)
+    path = out / "lm_study_timing.csv"
+    path.unlink(missing_ok=True)
+    _append(path, rows, TIMING_COLUMNS)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run, a test and not a result (preset `quick`)")
@@ -274,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lrs", nargs="+", type=float, help="override the preset's learning rates")
     p.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
     p.add_argument("--report", action="store_true", help="only regenerate tables and figure from the CSVs")
+    p.add_argument("--timing", action="store_true",
+                   help="also time each method in short interleaved fits, one at a time (lm_study_timing.csv)")
     a = p.parse_args(argv)
     name = a.preset or ("quick" if a.quick else "gpu" if a.accelerator == "gpu" else "cpu")
     cfg = PRESETS[name]
@@ -284,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     if not a.report:
         workers = a.workers or (2 if a.accelerator == "cpu" else 1)
         run_study(out, cfg, a.accelerator, max(1, workers))
+    if a.timing:
+        run_timing(out, cfg, a.accelerator)
     from lm import report
 
     report.report(out, cfg, doc=ROOT / "docs" / "lm_study.md" if out == ROOT / "docs" else out / "lm_study.md")

@@ -33,11 +33,11 @@ def _label(m: str) -> str:
 
 
 def _full(runs: pd.DataFrame, method: str) -> pd.DataFrame:
-    """The method's runs at the LRs that have its largest seed count (a pilot LR with fewer seeds
-    is shown in the tables but never picked as the best)."""
+    """The method's runs at the LRs with more than one seed, if any has (a single-seed pilot LR is
+    shown in the tables but never picked as the best)."""
     r = runs[runs.method == method]
     n = r.groupby("lr").seed.nunique()
-    return r[r.lr.isin(n[n == n.max()].index)]
+    return r[r.lr.isin(n[n >= min(2, n.max())].index)]
 
 
 def best_lr(runs: pd.DataFrame, method: str) -> float:
@@ -102,8 +102,8 @@ def tables(runs: pd.DataFrame, curves: pd.DataFrame, baseline: str) -> str:
     r0 = runs.iloc[0]
     out.append(f"Preset `{r0.preset}`: {int(r0.n_params):,} parameters, {int(r0.max_steps)} steps of "
                f"{int(r0.tokens) // int(r0.max_steps):,} characters ({int(r0.tokens):,} training characters per run), "
-               f"{len(runs)} runs, {runs.seconds.sum() / 60:.1f} min of run time in total (wall time of the "
-               f"individual runs, two ran at a time). Spread = sample standard deviation over seeds; "
+               f"{len(runs)} runs, {runs.seconds.sum() / 60:.1f} min of run time in total (the runs' own wall "
+               f"times summed; runs in parallel worker processes overlap). Spread = sample standard deviation over seeds; "
                f"ranges are min–max over seeds.\n")  # fmt: skip
     # headline
     out.append("### Headline, each method at its own best LR\n")
@@ -175,12 +175,29 @@ def tables(runs: pd.DataFrame, curves: pd.DataFrame, baseline: str) -> str:
     return "\n".join(out)
 
 
+def timing_table(timing: pd.DataFrame, baseline: str) -> str:
+    """Time per step from the interleaved short fits (``--timing``): median over repetitions, and the
+    ratio to AdamW's fit of the same repetition."""
+    base = timing[timing.method == baseline].set_index("rep").ms_per_step
+    head = (f"### Time per step, measured alone (`--timing`: {timing.rep.nunique()} repetitions of "
+            f"{int(timing.steps.iloc[0])}-step fits at LR {_fmt_lr(timing.lr.iloc[0])}, one fit at a time, "
+            "methods interleaved)\n")  # fmt: skip
+    out = [head, "| method | ms/step (median) | vs AdamW, same repetition (median, range) | syncs per fit |",
+           "|---|---|---|---|"]  # fmt: skip
+    for m in _methods(timing):
+        t = timing[timing.method == m]
+        ratio = t.set_index("rep").ms_per_step / base
+        out.append(f"| {_label(m)} | {t.ms_per_step.median():.1f} | {ratio.median():.3f} ({ratio.min():.3f}–"
+                   f"{ratio.max():.3f}) | {t.syncs.median():.0f} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
 def figure(runs: pd.DataFrame, curves: pd.DataFrame, baseline: str, path: Path) -> None:
     methods = _methods(runs)
     tg = targets(runs, baseline)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     finals = []
-    for m in methods:
+    for i, m in enumerate(methods):
         lr = best_lr(runs, m)
         c = curves[(curves.method == m) & (curves.lr == lr)].pivot_table(index="step", columns="seed", values="val_bpc")
         ax1.plot(c.index, c.mean(axis=1), color=COLORS.get(m, "gray"), label=f"{_label(m)}, lr {_fmt_lr(lr)}")
@@ -189,7 +206,8 @@ def figure(runs: pd.DataFrame, curves: pd.DataFrame, baseline: str, path: Path) 
         g = runs[runs.method == m].groupby("lr").val_bpc
         lrs, mean = np.array(g.mean().index), g.mean().to_numpy()
         err = np.vstack([mean - g.min().to_numpy(), g.max().to_numpy() - mean])
-        ax2.errorbar(lrs, mean, yerr=err, color=COLORS.get(m, "gray"), marker="o", capsize=3, label=_label(m))
+        x = lrs * 10 ** (0.02 * (i - (len(methods) - 1) / 2))  # a little apart, so the bars do not overlap
+        ax2.errorbar(x, mean, yerr=err, color=COLORS.get(m, "gray"), marker="o", capsize=3, label=_label(m))
     if tg:
         ax1.axhline(np.mean(list(tg.values())) / LN2, color="gray", ls="--", lw=1, label="AdamW final (target)")
     lo = min(finals)
@@ -198,9 +216,9 @@ def figure(runs: pd.DataFrame, curves: pd.DataFrame, baseline: str, path: Path) 
             title="validation bpc vs step at each method's best LR\n(mean; band = min–max over seeds; slow weights)")
     ax2.set_xscale("log")
     top = runs.groupby(["method", "lr"]).val_bpc.mean()
-    ax2.set_ylim(lo - 0.05, min(float(top[np.isfinite(top)].max()) + 0.05, lo + 1.0))
+    ax2.set_ylim(lo - 0.05, min(float(top[np.isfinite(top)].max()) + 0.05, lo + 1.2))
     ax2.set(xlabel="peak learning rate (AdamW, warm-up + cosine)", ylabel="final validation bpc",
-            title="final validation bpc vs LR (mean; bars = min–max over seeds)")
+            title="final validation bpc vs LR (mean; bars = min–max over seeds;\nsingle points: seed-0 pilot runs)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -225,6 +243,8 @@ def report(out: Path, cfg, doc: Path) -> str:
 
     runs, curves = pd.read_csv(out / "lm_study_runs.csv"), pd.read_csv(out / "lm_study_curves.csv")
     text = tables(runs, curves, BASELINE)
+    if (out / "lm_study_timing.csv").exists():
+        text += "\n" + timing_table(pd.read_csv(out / "lm_study_timing.csv"), BASELINE)
     figure(runs, curves, BASELINE, out / "lm_study.png")
     write_doc(doc, text)
     print(text)
