@@ -26,11 +26,12 @@ def _run(out: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_quick_study(tmp_path: Path) -> None:
+    saved = list(sys.path)
     sys.path.insert(0, str(ROOT / "studies"))
     try:
-        from lm_study import METHODS, PRESETS
+        from lm_study import METHODS, PRESETS  # (it puts studies/ and the checkout on sys.path too)
     finally:
-        sys.path.remove(str(ROOT / "studies"))
+        sys.path[:] = saved
     cfg = PRESETS["quick"]
     out = _run(tmp_path)
     assert f"{len(METHODS)} to do" in out
