@@ -115,8 +115,11 @@ def _quiet(threads: int) -> None:
         warnings.filterwarnings("ignore", msg)
 
 
-def fit_one(method_id: str, lr: float, seed: int, cfg: Config, accelerator: str) -> tuple[dict, list[dict]]:
-    """Train one (method, lr, seed); returns its run row and its curve rows."""
+def fit_one(method_id: str, lr: float, seed: int, cfg: Config, accelerator: str,
+            profile: bool = False) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Train one (method, lr, seed); returns its run row and its curve rows. ``profile``: Lightning's
+    SimpleProfiler times every hook, and the row gets ``callback_ms_per_step``, the time spent in the
+    LookaheadCallback's training hooks (where it syncs) per step."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
     from lm.data import CharData, FixedWindows, RandomWindows
@@ -168,7 +171,7 @@ def fit_one(method_id: str, lr: float, seed: int, cfg: Config, accelerator: str)
         accelerator=accelerator, devices=1, precision=cfg.precision, max_steps=cfg.max_steps, max_epochs=1,
         val_check_interval=cfg.eval_every, check_val_every_n_epoch=None, gradient_clip_val=1.0, logger=False,
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[recorder] + ([la] if la else []),
+        callbacks=[recorder] + ([la] if la else []), profiler="simple" if profile else None,
     )  # fmt: skip
     fit_start = time.perf_counter()
     trainer.fit(model, train_dataloaders=train, val_dataloaders=val)
@@ -188,6 +191,10 @@ def fit_one(method_id: str, lr: float, seed: int, cfg: Config, accelerator: str)
         "ms_per_step": round(1000 * train_seconds / max(1, trainer.global_step), 3),
         "seconds": round(time.perf_counter() - t0, 2),
     }  # fmt: skip
+    if profile:
+        hooks = trainer.profiler.recorded_durations  # action name -> durations, e.g. [Callback]Name.on_train_batch_end
+        cb = sum(sum(v) for k, v in hooks.items() if k.startswith("[Callback]LookaheadCallback") and "train" in k)
+        row["callback_ms_per_step"] = round(1000 * cb / max(1, trainer.global_step), 4)
     return row, [{"preset": cfg.name, "method": method_id, "lr": lr, "seed": seed} | p for p in points]
 
 
@@ -262,24 +269,28 @@ def run_study(out: Path, cfg: Config, accelerator: str, workers: int) -> None:
     print(f"study done in {_hms(time.perf_counter() - start)}", flush=True)
 
 
-TIMING_COLUMNS = ["preset", "method", "rep", "lr", "steps", "ms_per_step", "syncs"]
+TIMING_COLUMNS = ["preset", "method", "rep", "lr", "steps", "ms_per_step", "callback_ms_per_step", "syncs"]
 
 
 def run_timing(out: Path, cfg: Config, accelerator: str, reps: int = 4, steps: int = 140) -> None:
     """Time per training step of each method in short fits run one at a time in this process, the
     methods interleaved (rotated each repetition) so that a change in the machine's load hits all of
-    them alike; a first AdamW fit warms up and is discarded. Writes lm_study_timing.csv (replaced)."""
+    them alike, and the time inside the callback's training hooks (SimpleProfiler), whose share of the
+    step is what the load cannot blur; a first AdamW fit warms up and is discarded. Writes
+    lm_study_timing.csv (replaced)."""
     _quiet(cfg.threads)
     short = replace(cfg, max_steps=steps, eval_every=steps, val_windows=16)
     lr = cfg.lrs[len(cfg.lrs) // 2]
-    fit_one(BASELINE, lr, 0, short, accelerator)  # warm-up
+    fit_one(BASELINE, lr, 0, short, accelerator, profile=True)  # warm-up
     rows, methods = [], list(cfg.methods)
     for rep in range(reps):
         for m in methods[rep % len(methods):] + methods[: rep % len(methods)]:
-            row, _ = fit_one(m, lr, 0, short, accelerator)
+            row, _ = fit_one(m, lr, 0, short, accelerator, profile=True)
             rows.append({"preset": cfg.name, "method": m, "rep": rep, "lr": lr, "steps": row["steps_done"],
-                         "ms_per_step": row["ms_per_step"], "syncs": row["syncs"]})  # fmt: skip
-            print(f"timing rep {rep} {m:9s} {row['ms_per_step']:.1f} ms/step", flush=True)
+                         "ms_per_step": row["ms_per_step"], "callback_ms_per_step": row["callback_ms_per_step"],
+                         "syncs": row["syncs"]})  # fmt: skip
+            print(f"timing rep {rep} {m:9s} {row['ms_per_step']:.1f} ms/step, callback {row['callback_ms_per_step']:.3f}"
+                  " ms/step", flush=True)  # fmt: skip
     path = out / "lm_study_timing.csv"
     path.unlink(missing_ok=True)
     _append(path, rows, TIMING_COLUMNS)
