@@ -9,7 +9,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from lightning_lookahead.inner_state import INNER_POLICIES, InnerPolicy, InnerState
-from lightning_lookahead.outer import LerpStep, OptimizerStep, OuterOptimizerFactory, OuterStep, sgd_factory
+from lightning_lookahead.outer import (
+    LerpStep,
+    OptimizerStep,
+    OuterOptimizerFactory,
+    OuterStep,
+    check_factory,
+    sgd_factory,
+)
 
 OnNonFinite = Literal["warn", "raise"]
 ON_NONFINITE: tuple[str, ...] = ("warn", "raise")
@@ -100,6 +107,7 @@ class LookaheadConfig:
                     f" (e.g. functools.partial(torch.optim.Adam, lr=1e-3); Hydra: _partial_: true), got"
                     f" {self.outer_optimizer!r}"
                 )
+            check_factory(self.outer_optimizer)
             if self.alpha != 0.5 or self.outer_momentum != 0.0:
                 raise ValueError(
                     "Lookahead `outer_optimizer` replaces the slow step that `alpha` and `outer_momentum` describe:"

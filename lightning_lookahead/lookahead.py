@@ -27,13 +27,8 @@ from lightning_lookahead.config import (  # noqa: F401  (check_* are re-exported
 )
 from lightning_lookahead.distributed import all_reduce_sum, is_sharded, reshard
 from lightning_lookahead.inner_state import InnerState
-from lightning_lookahead.outer import OuterOptimizerFactory
+from lightning_lookahead.outer import NonFiniteError, OuterOptimizerFactory
 from lightning_lookahead.slow_weights import SlowWeights, SyncStats
-
-
-class NonFiniteError(FloatingPointError):
-    """The fast weights held inf/nan at a sync and ``on_nonfinite="raise"`` was chosen."""
-
 
 _TRAINABLE = operator.attrgetter("requires_grad")
 
@@ -304,6 +299,11 @@ class Lookahead:
             return
         if self.gate is not None and not self.gate():
             return
+        if self.swapped:
+            raise RuntimeError(
+                f"Lookahead: optimizer {index} stepped while the slow weights are swapped in (use_slow()), so it"
+                " trained the slow weights; call use_fast() before training again."
+            )
         self.steps[index] += 1
         if self.steps[index] % self.k == 0:  # O(1) python on every other step, no tensor work
             self.sync(index)

@@ -36,6 +36,11 @@ def blocks(theta: Tensor, phi: Tensor) -> Iterable[tuple[Tensor, Tensor]]:
         yield theta[lo : lo + size], phi[lo : lo + size]
 
 
+class NonFiniteError(FloatingPointError):
+    """The fast weights held inf/nan at a sync and ``on_nonfinite="raise"`` was chosen, or an outer
+    optimizer turned finite weights into inf/nan."""
+
+
 class OuterStep:
     """The slow step on the pseudo-gradient ``phi - theta``; subclasses implement :meth:`apply`."""
 
@@ -131,9 +136,9 @@ class OptimizerStep(OuterStep):
                 mine = state.get(p)
                 if mine and p.shape != t.shape:
                     mine.clear()  # a resized parameter: its outer state starts afresh
-                elif mine:
+                elif mine:  # moment buffers follow the weights' dtype and device (step counters keep theirs)
                     for key, v in mine.items():
-                        if isinstance(v, Tensor) and v.shape == p.shape:
+                        if isinstance(v, Tensor) and v.shape == p.shape and key != "step":
                             mine[key] = v.to(device=t.device, dtype=t.dtype)
                 p.data = t
             params.append(p)
@@ -154,6 +159,13 @@ class OptimizerStep(OuterStep):
         self.optimizer.step()
         for p in self.params:
             p.grad = None
+        finite = [torch.isfinite(torch.stack([p.detach().sum() for p in self.params])).all()] if self.params else []
+        if finite and not bool(finite[0]):  # theta was finite (guarded): the outer step itself overflowed
+            raise NonFiniteError(
+                f"Lookahead: the outer optimizer ({type(self.optimizer).__name__}) turned finite weights into inf/nan;"
+                " the slow weights are no longer usable. In float16, Adam's default eps=1e-8 underflows to 0:"
+                " use eps >= 1e-4, a smaller learning rate, or float32 weights."
+            )
         for b in buckets:
             b.copy_phi_to_theta()
         if not measured or not self.params:
@@ -174,6 +186,20 @@ class OptimizerStep(OuterStep):
         saved = {index[n]: dict(s) for n, s in state.items() if n in index and s}
         # load_state_dict casts each entry the way the optimizer wants it (device, dtype, step counters)
         self.optimizer.load_state_dict({"state": saved, "param_groups": current["param_groups"]})
+
+
+def check_factory(factory: OuterOptimizerFactory) -> None:
+    """Build the optimizer over a tiny tensor and take one step, so a factory that cannot be an
+    outer optimizer (it needs a closure, sparse gradients, ...) fails now, not k steps into a run."""
+    probe = nn.Parameter(torch.zeros(2))
+    probe.grad = torch.zeros(2)
+    try:
+        factory([probe]).step()
+    except Exception as e:
+        raise ValueError(
+            f"Lookahead `outer_optimizer` must build a torch optimizer that steps on a plain gradient; a trial"
+            f" step failed with {type(e).__name__}: {e}"
+        ) from e
 
 
 def sgd_factory(lr: float, momentum: float, nesterov: bool) -> OuterOptimizerFactory:

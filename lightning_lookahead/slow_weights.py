@@ -90,11 +90,11 @@ class Bucket:
         self.role = role
         self.ptrs = self._ptrs()
 
-    def _ptrs(self) -> list[int]:
-        return list(map(Tensor.data_ptr, self.checked))
+    def _ptrs(self) -> list[tuple]:
+        return list(map(_where, self.checked))
 
     def moved(self) -> bool:
-        """Whether a parameter left the storage we put it in (one pointer comparison each)."""
+        """Whether a parameter left the storage or the view we put it in (pointer, shape, strides)."""
         return self._ptrs() != self.ptrs
 
     def release(self) -> None:
@@ -190,6 +190,7 @@ class SlowWeights:
         """Whether some parameter is a shard (then every rank must take the same branch): from the buckets."""
         return any(any(b.sharded) for b in self.buckets)
 
+    @torch.no_grad()
     def add(self, named_params: Sequence[tuple[str, Tensor]], slow: Mapping[str, Tensor] | None = None) -> None:
         """Start slow weights for more parameters: ``slow[name]`` where given (e.g. from the group of
         an optimizer that was replaced), else their current values."""
@@ -213,9 +214,11 @@ class SlowWeights:
                 fast[i], slow[i] = f, s
         return fast, slow
 
+    @torch.no_grad()  # our buffers and views must carry no autograd history (attach may run with grad on)
     def _lay_out(self, fast: list[Tensor], slow: list[Tensor]) -> None:
         """Build the buckets from per-parameter values. The values the parameters hold win: the other
         role follows their dtype and device, and their shape where it grew (new entries start equal)."""
+        _refuse_overlaps(self.names, self.params)
         held, other = (slow, fast) if self.swapped else (fast, slow)
         for i, p in enumerate(self.params):
             now = local(p)
@@ -267,7 +270,8 @@ class SlowWeights:
         norm) on the blocks while they are in cache. On CUDA with the Lerp step the decision stays on
         the device (``SyncStats.applied`` is then a 0-dim tensor); elsewhere it is one host read.
         """
-        assert not self.swapped, "sync while the slow weights are swapped in"
+        if self.swapped:
+            raise RuntimeError("Lookahead: a sync while the slow weights are swapped in; call use_fast() first")
         self.check_layout()
         if not self.buckets:  # an optimizer whose parameters are all frozen (for now)
             return SyncStats(applied=True)
@@ -340,6 +344,32 @@ class SlowWeights:
         current = self.fast_tensors() if role == "fast" else self.slow_tensors()
         for name, p in zip(self.names, self.params):
             current[name].copy_(local_from_saved(p, values[name]))
+
+
+def _where(p: Tensor) -> tuple:
+    return p.data_ptr(), p.shape, p.stride()
+
+
+def _refuse_overlaps(names: list[str], params: list[Tensor]) -> None:
+    """Distinct parameters that share memory cannot get separate slow weights (they would be decoupled)."""
+    spans: dict[int, list[tuple[int, int, str]]] = {}
+    for name, p in zip(names, params):
+        t = local(p)
+        if t.numel():
+            start = int(t.storage_offset())
+            end = start + sum((int(n) - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+            spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, end, name))
+    for ranges in spans.values():
+        ranges.sort()
+        reach, a = -1, ""  # the furthest end so far, and whose
+        for start, end, b in ranges:
+            if start < reach:
+                raise ValueError(
+                    f"Lookahead: parameters {a!r} and {b!r} overlap in memory; each trained element must belong"
+                    " to one parameter (tie them as one Parameter object instead)."
+                )
+            if end > reach:
+                reach, a = end, b
 
 
 def _can_be_view(p: Tensor) -> bool:

@@ -174,3 +174,91 @@ def test_rank_checksum_sees_one_ulp_and_imaginary_parts():
     d[7] += 1e-3j  # only the imaginary part differs
     assert not torch.equal(_bits_checksum(c), _bits_checksum(d))
     assert torch.equal(_bits_checksum(x), _bits_checksum(x.clone()))
+
+
+# ------------------------------------------------------------------ found by the adversarial review of the redesign
+def test_slow_weights_carry_no_autograd_history_and_copies_work():
+    """attach with grad enabled (a plain loop): the slow weights are constants for autograd."""
+    import copy
+
+    net, opt, la = _attached()
+    slow = la.tensors()["slow"]["0.bias"]
+    assert not slow.requires_grad and slow.grad_fn is None
+    p = net[0].bias
+    with torch.no_grad():
+        p.add_(1.0)
+    ((p - slow) ** 2).sum().backward()
+    assert torch.equal(p.grad, 2 * (p.detach() - slow))
+    copy.deepcopy(la)
+
+
+def test_outer_optimizer_that_overflows_is_named_not_silent():
+    """float16 weights with Adam's eps=1e-8 (underflows to 0): the outer step makes inf/nan from finite weights."""
+    import functools
+
+    from lightning_lookahead import NonFiniteError
+
+    m = torch.nn.Linear(8, 8).half()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    la = Lookahead(k=2, outer_optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+    la.attach([opt], m)
+    with pytest.raises(NonFiniteError, match="outer optimizer \\(Adam\\) turned finite weights into inf/nan"):
+        for _ in range(2):
+            with torch.no_grad():
+                m.weight[0].add_(1e-3)  # the other rows' pseudo-gradient is 0: Adam divides 0 by 0 + 0
+            opt.step()
+
+
+def test_outer_optimizer_that_cannot_step_is_refused_at_once():
+    import functools
+
+    with pytest.raises(ValueError, match="trial step failed"):
+        Lookahead(outer_optimizer=functools.partial(torch.optim.LBFGS, lr=0.1))  # needs a closure
+
+
+def test_parameters_overlapping_in_memory_are_refused():
+    base = torch.zeros(10)
+    m = torch.nn.Module()
+    m.a = torch.nn.Parameter(base[0:6])
+    m.b = torch.nn.Parameter(base[4:10])
+    with pytest.raises(ValueError, match="'a' and 'b' overlap in memory"):
+        Lookahead().attach([torch.optim.SGD(m.parameters(), lr=0.1)], m)
+
+
+def test_scalar_parameter_step_counter_keeps_its_dtype_when_the_model_is_cast():
+    import functools
+
+    m = torch.nn.Module()
+    m.scale = torch.nn.Parameter(torch.tensor(2.0))
+    m.w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    la = Lookahead(k=1, outer_optimizer=functools.partial(torch.optim.Adam, lr=1e-2))
+    la.attach([opt], m)
+    for _ in range(2):
+        (m.scale * m.w).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    m.bfloat16()
+    (m.scale * m.w).sum().backward()
+    opt.step()
+    state = la.tensors()["outer_state"]["scale"]
+    assert state["exp_avg"].dtype == torch.bfloat16 and state["step"].dtype == torch.float32
+    assert float(state["step"]) == 3.0
+
+
+def test_a_new_view_at_the_same_address_is_noticed():
+    """p.data = p.data.t(): the same pointer with another shape; noticed (a clear error), never
+    silently reverted by the next swap."""
+    net, opt, la = _attached()
+    w = net[0].weight
+    w.data = w.data.t()
+    with pytest.raises(ValueError, match="'0.weight' changed shape from \(16, 6\) to \(6, 16\)"):
+        la.use_slow()
+
+
+def test_stepping_while_swapped_is_a_clear_error():
+    net, opt, la = _attached()
+    la.use_slow()
+    torch.nn.functional.mse_loss(net(torch.ones(1, 6)), torch.zeros(1, 2)).backward()
+    with pytest.raises(RuntimeError, match="stepped while the slow weights are swapped in"):
+        opt.step()
