@@ -262,3 +262,35 @@ def test_stepping_while_swapped_is_a_clear_error():
     torch.nn.functional.mse_loss(net(torch.ones(1, 6)), torch.zeros(1, 2)).backward()
     with pytest.raises(RuntimeError, match="stepped while the slow weights are swapped in"):
         opt.step()
+
+
+def _replicated_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from lightning_lookahead.distributed import RankMismatchError, check_replicated
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    x = torch.linspace(-1e3, 1e3, 1000)
+    check_replicated(["x"], [x])  # identical: passes
+    if rank == 1:
+        x[517] = torch.nextafter(x[517], torch.tensor(float("inf")))
+    try:
+        check_replicated(["x"], [x])
+        result = "passed"
+    except RankMismatchError as e:
+        result = str(e)
+    with open(f"{out}/rank{rank}.txt", "w") as f:
+        f.write(result)
+    dist.destroy_process_group()
+
+
+def test_check_replicated_raises_on_every_rank_for_one_ulp(tmp_path):
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    mp.start_processes(_replicated_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        assert "first differing entry: 'x'" in (tmp_path / f"rank{rank}.txt").read_text()

@@ -93,7 +93,8 @@ class SkipStepModule(Module):
 
 
 class Perturb(Callback):
-    """Corrupts one rank's slow weights, to show that check_ranks_every catches it."""
+    """Corrupts one rank's slow weights by one ulp in one element, to show that check_ranks_every
+    compares bits (a tolerance would let it pass)."""
 
     def __init__(self, cb: LookaheadCallback, rank: int) -> None:
         self.cb, self.rank = cb, rank
@@ -102,7 +103,8 @@ class Perturb(Callback):
         if trainer.global_rank == self.rank and self.cb.lookahead.syncs == 1:
             with torch.no_grad():
                 slow = list(self.cb.lookahead.groups[0].slow_tensors().values())
-                slow[-1].add_(1e-3)  # the last parameter: net.2.bias
+                up = torch.full_like(slow[-1][:1], float("inf"))
+                slow[-1][:1] = torch.nextafter(slow[-1][:1], up)  # net.2.bias[0], one ulp: bits must match
 
 
 class CommCounter(Callback):
