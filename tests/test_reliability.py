@@ -252,7 +252,7 @@ def test_a_new_view_at_the_same_address_is_noticed():
     net, opt, la = _attached()
     w = net[0].weight
     w.data = w.data.t()
-    with pytest.raises(ValueError, match="'0.weight' changed shape from \(16, 6\) to \(6, 16\)"):
+    with pytest.raises(ValueError, match=r"'0.weight' changed shape from \(16, 6\) to \(6, 16\)"):
         la.use_slow()
 
 
