@@ -116,6 +116,18 @@ def k1_runs(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def pullback_runs(tmp_path_factory):
+    """Adam + inner_state="pullback", k=2, 6 steps, resumed from the epoch-0 checkpoint (step 3: after
+    the first sync, mid-round): each rank's pullback slow moments are its own (they follow its own
+    first moments)."""
+    root = tmp_path_factory.mktemp("local_sgd_pullback")
+    common = ("--strategy", "ddp", "--local-sgd", "--opt", "adam", "--inner", "pullback", "--k", "2", "--epochs", "2")
+    run_worker(root / "full", *common, "--ckpt-dir", str(root / "ck"), "--no-validate")
+    run_worker(root / "resumed", *common, "--ckpt", str(root / "ck" / "epoch=0.ckpt"), "--no-validate")
+    return root
+
+
 # ----------------------------------------------------------------------------- equivalences
 def test_sgd_plain_lookahead_equals_simulation(sgd_runs):
     fit = load(sgd_runs / "full", "fit", 0)
@@ -189,6 +201,25 @@ def test_fast_weights_differ_between_syncs(sgd_runs):
 
 
 # ----------------------------------------------------------------------------- resume
+def test_pullback_slow_moments_are_per_rank_and_resume_exactly(pullback_runs):
+    per_rank = torch.load(pullback_runs / "ck" / "epoch=0.ckpt", weights_only=False)["lookahead"]["per_rank"]
+    saved = [per_rank[r]["slow_moments"]["net.0.weight"] for r in (0, 1)]
+    assert not torch.equal(saved[0], saved[1])  # so rank 0's moments on rank 1 would show below
+    full = [load(pullback_runs / "full", "fit", r) for r in (0, 1)]
+    resumed = [load(pullback_runs / "resumed", "fit", r) for r in (0, 1)]
+    assert full[0]["slow_moments"] and set(full[0]["slow_moments"]) == set(full[1]["slow_moments"])
+    for rank in (0, 1):
+        for kind in ("slow", "fast", "slow_moments"):
+            for n, t in full[rank][kind].items():
+                assert torch.equal(resumed[rank][kind][n], t), (rank, kind, n)
+
+
+def test_another_number_of_ranks_continues_from_rank_0_with_a_warning(monkeypatch):
+    monkeypatch.setattr(local_sgd, "world_size", lambda: 3)
+    states = [{"fast": {"w": torch.zeros(1)}}, {"fast": {"w": torch.ones(1)}}]
+    with pytest.warns(RuntimeWarning, match="holds the state of 2 ranks, this run has 3"):
+        assert local_sgd.rank_state(states) is None  # the caller then keeps rank 0's (Lightning's) state
+
 @pytest.mark.parametrize("runs", ["sgd_runs", "diloco_runs"])
 def test_resume_is_bit_identical_mid_round_and_at_a_sync_boundary(runs, request):
     root = request.getfixturevalue(runs)

@@ -289,6 +289,7 @@ class Dump(Callback):
                 "slow": {n: t.detach().clone() for n, t in tensors["slow"].items()},
                 "fast": {n: t.detach().clone() for n, t in tensors["fast"].items()},
                 "momentum": {n: t.detach().clone() for n, t in tensors["momentum"].items()},
+                "slow_moments": {n: local(t).detach().clone() for n, t in tensors["slow_moments"].items()},
                 "params": {n: local(p).detach().clone() for n, p in pl_module.named_parameters()},
                 "val_snapshots": pl_module.val_snapshots,
                 "steps": self.cb.lookahead.steps,
