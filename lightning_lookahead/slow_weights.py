@@ -66,7 +66,7 @@ class Bucket:
             kept = slow if role == "fast" else fast
             self.other = [torch.empty_like(local(params[i])).copy_(t) for i, t in zip(idx, kept)]
             self.role = role
-            self.ptrs = self._ptrs()
+            self._remember()
 
     # ------------------------------------------------------------------ layout
     def point(self, role: str) -> None:
@@ -88,14 +88,19 @@ class Bucket:
                 else:
                     p.data, self.other[j] = self.other[j], p.data
         self.role = role
-        self.ptrs = self._ptrs()
+        self._remember()
 
-    def _ptrs(self) -> list[tuple]:
-        return list(map(_where, self.checked))
+    def _remember(self) -> None:
+        self.ptrs = list(map(Tensor.data_ptr, self.checked))
+        self.views_at = list(map(_where, self.checked))
 
-    def moved(self) -> bool:
-        """Whether a parameter left the storage or the view we put it in (pointer, shape, strides)."""
-        return self._ptrs() != self.ptrs
+    def moved(self, exact: bool) -> bool:
+        """Whether a parameter left the storage we put it in (a pointer comparison each: enough for a
+        sync, whose flat ops read the memory, not the views), or with ``exact`` also its view (shape,
+        strides), which a swap would otherwise put back."""
+        if exact:
+            return list(map(_where, self.checked)) != self.views_at
+        return list(map(Tensor.data_ptr, self.checked)) != self.ptrs
 
     def release(self) -> None:
         """Give the parameters their own storage (copies of what they hold) and drop our buffer of it."""
@@ -235,9 +240,10 @@ class SlowWeights:
         self.buckets = buckets
         self.outer.rebind(self.names, self._values()[1])
 
-    def check_layout(self) -> None:
-        """Lay out anew if a parameter left our storage (dtype, device, ``p.data = ...``); cheap otherwise."""
-        if any(b.moved() for b in self.buckets):
+    def check_layout(self, exact: bool = True) -> None:
+        """Lay out anew if a parameter left our storage (dtype, device, ``p.data = ...``) or, with
+        ``exact``, its view (a same-address reshape); one pointer comparison per parameter otherwise."""
+        if any(b.moved(exact) for b in self.buckets):
             self._lay_out(*self._values())
 
     @torch.no_grad()
@@ -272,7 +278,7 @@ class SlowWeights:
         """
         if self.swapped:
             raise RuntimeError("Lookahead: a sync while the slow weights are swapped in; call use_fast() first")
-        self.check_layout()
+        self.check_layout(exact=False)  # the flat ops read memory; a same-address reshape is caught at the swap
         if not self.buckets:  # an optimizer whose parameters are all frozen (for now)
             return SyncStats(applied=True)
         device = local(self.params[0]).device
