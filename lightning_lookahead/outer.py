@@ -159,8 +159,9 @@ class OptimizerStep(OuterStep):
         self.optimizer.step()
         for p in self.params:
             p.grad = None
-        finite = [torch.isfinite(torch.stack([p.detach().sum() for p in self.params])).all()] if self.params else []
-        if finite and not bool(finite[0]):  # theta was finite (guarded): the outer step itself overflowed
+        # exactly (min/max: a sum of large finite float16 weights would overflow), before theta is written
+        finite = [ok for b in buckets if (ok := b.finite("slow")) is not None]
+        if not all(bool(ok) for ok in finite):  # theta was finite (guarded): the outer step itself overflowed
             raise NonFiniteError(
                 f"Lookahead: the outer optimizer ({type(self.optimizer).__name__}) turned finite weights into inf/nan;"
                 " the slow weights are no longer usable. In float16, Adam's default eps=1e-8 underflows to 0:"
@@ -170,8 +171,7 @@ class OptimizerStep(OuterStep):
             b.copy_phi_to_theta()
         if not measured or not self.params:
             return None
-        diff = torch._foreach_sub([p.detach() for p in self.params], before)
-        return torch.stack([d.float().square().sum() for d in diff]).sum()
+        return sq_norm(list(torch._foreach_sub([p.detach() for p in self.params], before)))
 
     def state_by_name(self) -> dict[str, dict[str, Tensor]]:
         if self.optimizer is None:
@@ -186,6 +186,19 @@ class OptimizerStep(OuterStep):
         saved = {index[n]: dict(s) for n, s in state.items() if n in index and s}
         # load_state_dict casts each entry the way the optimizer wants it (device, dtype, step counters)
         self.optimizer.load_state_dict({"state": saved, "param_groups": current["param_groups"]})
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def sq_norm(tensors: list[Tensor]) -> Tensor:
+    """Sum of squares as a float32 scalar on the tensors' device (no host read). Half-precision
+    norms accumulate in float32: a float16 norm overflows at 65504."""
+    if not tensors:
+        return torch.zeros(())
+    low = tensors[0].dtype in HALF_DTYPES
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32) if low else torch._foreach_norm(tensors)
+    return torch.stack(norms).float().square().sum()
 
 
 def check_factory(factory: OuterOptimizerFactory) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lightning_lookahead._grouping import group_indices_by_device_dtype
 from lightning_lookahead.distributed import all_reduce_sum, is_sharded, local, local_from_saved
-from lightning_lookahead.outer import LerpStep, OuterStep, blocks
+from lightning_lookahead.outer import HALF_DTYPES, LerpStep, OuterStep, blocks, sq_norm
 
 DEVICE_SIDE = frozenset({"cuda"})  # device types where the skip-or-apply decision stays on the device
 
@@ -125,15 +125,18 @@ class Bucket:
         else:
             yield self.values("fast"), self.other
 
-    def theta(self) -> list[Tensor]:
-        """Theta as tensors with elements: the flat buffer, or the per-parameter tensors."""
-        theta = [self.fast] if self.flat else self.values("fast")
-        return [torch.view_as_real(t) if t.is_complex() else t for t in theta if t.numel()]
+    def tensors(self, role: str = "fast") -> list[Tensor]:
+        """The ``role`` weights as tensors with elements: the flat buffer, or the per-parameter tensors."""
+        if self.flat:
+            found = [self.fast if role == "fast" else self.slow]
+        else:
+            found = self.values(role)
+        return [torch.view_as_real(t) if t.is_complex() else t for t in found if t.numel()]
 
-    def finite(self) -> Tensor | None:
-        """Exactly whether theta is all finite, as a 0-dim bool on its device (None: no elements),
-        from its min and max: nan and inf propagate and nothing overflows (a sum of squares would)."""
-        ends = [m for t in self.theta() for m in torch.aminmax(t)]
+    def finite(self, role: str = "fast") -> Tensor | None:
+        """Exactly whether the ``role`` weights are all finite, as a 0-dim bool on their device (None:
+        no elements), from min and max: nan and inf propagate and nothing overflows (a sum would)."""
+        ends = [m for t in self.tensors(role) for m in torch.aminmax(t)]
         return torch.isfinite(torch.stack(ends)).all() if ends else None
 
     def measure(self, theta: list[Tensor], phi: list[Tensor]) -> None:
@@ -300,8 +303,8 @@ class SlowWeights:
         """True only if theta is all finite: a finite sum has finite terms (inf and nan propagate).
         One cheap reduction and one host read; a non-finite sum (a real inf/nan, or an overflow of
         huge finite values) is decided exactly by :meth:`_finite`."""
-        theta = [t for b in self.buckets for t in b.theta()]
-        if any(t.dtype in _HALF for t in theta):
+        theta = [t for b in self.buckets for t in b.tensors()]
+        if any(t.dtype in HALF_DTYPES for t in theta):
             return False  # a half-precision sum overflows at ordinary sizes: decide exactly at once
         sums = [t.sum() for t in theta]  # in the tensor's dtype: a float64 accumulation measured 10x slower
         total = sums[0] if len(sums) == 1 else torch.stack([s.to(device, torch.float64) for s in sums]).sum() if sums else None
@@ -408,19 +411,6 @@ def _follow(name: str, now: Tensor, kept: Tensor) -> Tensor:
         )
         return grown
     return kept.to(device=now.device, dtype=now.dtype)
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def sq_norm(tensors: list[Tensor]) -> Tensor:
-    """Sum of squares as a float32 scalar on the tensors' device (no host read). Half-precision
-    norms accumulate in float32: a float16 norm overflows at 65504."""
-    if not tensors:
-        return torch.zeros(())
-    low = tensors[0].dtype in _HALF
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32) if low else torch._foreach_norm(tensors)
-    return torch.stack(norms).float().square().sum()
 
 
 class SyncStats:

@@ -294,3 +294,15 @@ def test_check_replicated_raises_on_every_rank_for_one_ulp(tmp_path):
     mp.start_processes(_replicated_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     for rank in (0, 1):
         assert "first differing entry: 'x'" in (tmp_path / f"rank{rank}.txt").read_text()
+
+
+def test_large_finite_float16_weights_pass_the_outer_step_check():
+    """The outer step's own finiteness check is exact: a float16 sum of these weights overflows, they do not."""
+    m = torch.nn.Linear(1000, 100).half()
+    with torch.no_grad():
+        m.weight.fill_(50.0)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    la = Lookahead(k=1, outer_momentum=0.5)
+    la.attach([opt], m)
+    opt.step()
+    assert la.syncs == 1 and torch.equal(m.weight.detach(), torch.full((100, 1000), 50.0, dtype=torch.half))
