@@ -205,7 +205,7 @@ class LookaheadCallback(Callback):
         self.lookahead.gate = _InTrainerCallbacks(self, trainer)
         # the distance costs extra passes per sync: measure it only where a row will show it. With
         # shards it needs a collective, so there it must not depend on a per-rank logger choice.
-        sharded = any(any(g.sharded) for g in self.lookahead.groups)
+        sharded = any(g.any_sharded for g in self.lookahead.groups)
         if self.log_stats and (bool(trainer.loggers) or self.prog_bar or sharded):
             self.lookahead.measure_distance = _RowAhead(self, trainer)
         self._apply_pending(trainer)

@@ -384,7 +384,7 @@ class Lookahead:
             if s.d_sq is None or s.phi_sq is None or (isinstance(s.applied, Tensor) and not bool(s.applied)):
                 continue  # not measured, or skipped on the device: no distance to report
             parts = torch.stack([s.d_sq, s.phi_sq] + ([s.step_sq] if s.step_sq is not None else []))
-            if any(self.groups[i].sharded):  # shards: sum the squares over ranks first
+            if self.groups[i].any_sharded:  # shards: sum the squares over ranks first
                 parts = all_reduce_sum(parts)
             norms = parts.sqrt() / parts[1].sqrt().clamp_min(1e-30)
             name = f"/opt{i}" if suffix else ""
@@ -429,7 +429,7 @@ class Lookahead:
         return self._set_swapped(False)
 
     def _set_swapped(self, value: bool) -> bool:
-        if any(any(g.sharded) for g in self.groups) and any(g.swapped != value for g in self.groups):
+        if any(g.any_sharded for g in self.groups) and any(g.swapped != value for g in self.groups):
             reshard(self._module)  # the next forward must gather the values we are about to write
         changed = False
         for g in self.groups:
