@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_lookahead import checkpoint as checkpoint_io
-from lightning_lookahead import distributed, local_sgd
+from lightning_lookahead import distributed
+from lightning_lookahead import local_sgd as local_steps
 from lightning_lookahead.checkpoint import (  # noqa: F401  (re-exported: the names of earlier releases)
     CHECKPOINT_KEY,
     FAST_PREFIX,
@@ -21,7 +22,15 @@ from lightning_lookahead.checkpoint import (  # noqa: F401  (re-exported: the na
     NOT_STARTED,
     TENSOR_ENTRIES,
 )
-from lightning_lookahead.config import LookaheadConfig, OnNonFinite, check_bool, check_choice, check_optional_int
+from lightning_lookahead.config import (
+    AveragePrecision,
+    LocalSGDConfig,
+    LookaheadConfig,
+    OnNonFinite,
+    check_bool,
+    check_choice,
+    check_optional_int,
+)
 from lightning_lookahead.inner_state import InnerState
 from lightning_lookahead.lookahead import Lookahead
 from lightning_lookahead.outer import OuterOptimizerFactory
@@ -79,14 +88,28 @@ class LookaheadCallback(Callback):
             cadence (``log_every_n_steps``), only when a sync happened since the last row. The
             distance is measured only on the syncs whose value reaches a row (the last one before
             it), and only when the Trainer has a logger or ``prog_bar=True``.
-        local_sgd: under DDP with several processes, local SGD: each rank trains its own fast weights
-            on its own data with DDP's gradient all-reduce and buffer broadcast turned off, and every
-            sync first averages the fast weights and floating buffers over the ranks (one all-reduce
-            per dtype), then takes the slow step (plain Lookahead, or the outer momentum step:
-            SlowMo / DiLoCo). Logs ``lookahead/allreduce_bytes_per_step``. A single process: plain
-            Lookahead with a warning. FSDP2, static-graph DDP, DDP comm hooks and GradScaler are
-            refused at setup. Checkpoints carry every rank's fast weights and optimizer state, so
-            resuming with the same number of ranks continues exactly.
+        local_sgd: under DDP with several processes, local SGD (DiLoCo's inner/outer split): each
+            worker (``ranks_per_worker`` ranks) trains its own fast weights on its own data, DDP's
+            gradient all-reduce confined to the worker and DDP's buffer broadcast off; every sync
+            first averages the fast weights and floating buffers over the workers, then takes the
+            slow step (plain Lookahead, the outer momentum step: SlowMo / DiLoCo, or
+            ``outer_optimizer``). Logs ``lookahead/inter_bytes_per_step`` (sent between workers) and
+            ``lookahead/intra_bytes_per_step`` (inside them). A single process: plain Lookahead with a
+            warning. FSDP2, static-graph DDP, DDP comm hooks and GradScaler are refused at setup.
+            Checkpoints carry every rank's fast weights, buffers and optimizer state, so resuming with
+            the same number of ranks and grouping continues exactly.
+        ranks_per_worker: with ``local_sgd``, ranks per worker: an int dividing the world size, or
+            ``"node"`` (``Trainer(devices=...)``, the ranks of one node). Inside a worker gradients
+            are all-reduced at every step as plain DDP would; between workers only the syncs
+            communicate, and each rank sends only its ``1/ranks_per_worker`` slice of the weights
+            across (a hierarchical all-reduce). ``1`` (default): every rank is a worker.
+        local_sgd_start: with ``local_sgd``, optimizer steps of ordinary DDP over the whole world
+            (with Lookahead's syncs as usual) before the local steps begin (post-local SGD's and
+            DiLoCo's warm start). Counted like ``k`` (real steps of the first optimizer).
+        average_precision: with ``local_sgd``, ``"full"`` (default: the weights' own dtype) or
+            ``"bf16"``: the pseudo-gradients ``theta_w - phi`` cross between workers as bfloat16
+            and are summed in float32 on arrival, so the outer step sees
+            ``phi + mean_w bf16(theta_w - phi)``; half the bytes of float32. Buffers stay exact.
         prog_bar: also show these values in the progress bar. Either way they are in
             ``trainer.callback_metrics`` (``lookahead/syncs`` from the first training batch on, the
             rest from the first sync), updated with the logger rows, so ``EarlyStopping`` or
@@ -118,12 +141,15 @@ class LookaheadCallback(Callback):
         local_sgd: bool = False,
         prog_bar: bool = False,
         outer_optimizer: OuterOptimizerFactory | None = None,
+        ranks_per_worker: int | Literal["node"] = 1,
+        local_sgd_start: int = 0,
+        average_precision: AveragePrecision = "full",
     ) -> None:
         self.config = LookaheadConfig(k, alpha, inner_state, on_nonfinite, outer_momentum, nesterov, outer_optimizer)
         self.log_stats = check_bool("log_stats", log_stats)
-        self.local_sgd = check_bool("local_sgd", local_sgd)
+        self.local_config = LocalSGDConfig(local_sgd, ranks_per_worker, local_sgd_start, average_precision)
         self.prog_bar = check_bool("prog_bar", prog_bar)
-        self._local_active = False  # local_sgd and a multi-process DDP fit (decided at setup)
+        self._workers: local_steps.Workers | None = None  # local SGD in a multi-process DDP fit (set up at fit)
         self.lookahead = Lookahead(config=self.config, measure_distance=False)
         self.eval_weights: EvalWeights = check_choice("eval_weights", eval_weights, ("slow", "fast"))  # type: ignore[assignment]
         self.check_ranks_every = check_optional_int("check_ranks_every", check_ranks_every)
@@ -148,9 +174,22 @@ class LookaheadCallback(Callback):
     outer_momentum = property(lambda self: self.config.outer_momentum)
     nesterov = property(lambda self: self.config.nesterov)
     outer_optimizer = property(lambda self: self.config.outer_optimizer)
+    local_sgd = property(lambda self: self.local_config.enabled)
+    ranks_per_worker = property(lambda self: self.local_config.ranks_per_worker)
+    local_sgd_start = property(lambda self: self.local_config.start)
+    average_precision = property(lambda self: self.local_config.average_precision)
+
+    @property
+    def _local_active(self) -> bool:
+        return self._workers is not None
+
+    @property
+    def _averager(self) -> local_steps.WeightAverager | None:
+        sync = self.lookahead.before_sync
+        return sync if isinstance(sync, local_steps.WeightAverager) else None
 
     def _new_core(self) -> Lookahead:
-        averager = local_sgd.WeightAverager() if self._local_active else None
+        averager = local_steps.WeightAverager(self.local_config, self._workers) if self._workers is not None else None
         return Lookahead(config=self.config, before_sync=averager)
 
     @property
@@ -169,14 +208,10 @@ class LookaheadCallback(Callback):
             raise ValueError("Only one LookaheadCallback can be used per Trainer.")
         check_strategy(trainer)
         check_callbacks(trainer)
-        if self.local_sgd:
-            scaler = getattr(trainer.precision_plugin, "scaler", None)
-            self._local_active = local_sgd.check_strategy(trainer.strategy, trainer.world_size, scaler)
-            if not self._local_active:
-                self._warn_once("local_sgd", "Lookahead: local_sgd=True in a single process is plain Lookahead.")
         self._stage = stage
         if stage != "fit":
             return
+        self._set_up_workers(trainer)
         self.lookahead.detach()
         self._dropped = False
         self.lookahead = self._new_core()  # every fit starts from the module's current weights...
@@ -187,6 +222,23 @@ class LookaheadCallback(Callback):
                     "ModelCheckpoint(save_weights_only=True) skips callback hooks, so its checkpoints hold"
                     " the fast weights and cannot resume Lookahead; use save_weights_only=False."
                 )
+
+    def _set_up_workers(self, trainer: Trainer) -> None:
+        self._workers = None
+        if not self.local_sgd:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if not local_steps.check_strategy(trainer.strategy, trainer.world_size, scaler):
+            self._warn_once("local_sgd", "Lookahead: local_sgd=True in a single process is plain Lookahead.")
+            return
+        per_worker = self.local_config.ranks_per_worker_for(trainer.num_devices)
+        self._workers = local_steps.Workers(per_worker)  # the process groups: a collective, every rank is here
+        if self._workers.count == 1:
+            self._warn_once(
+                "one_worker",
+                f"Lookahead: ranks_per_worker={self.ranks_per_worker} makes all {trainer.world_size} ranks one"
+                " worker: this is DDP + Lookahead (nothing to average at syncs).",
+            )
 
     def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Create the slow weights once the strategy has placed, wrapped and restored the model."""
@@ -200,8 +252,10 @@ class LookaheadCallback(Callback):
             claim = self._pending["fast"].keys() if self._pending is not None else None
         # phi := the current weights (a checkpoint's slow weights after a restore)
         if self._local_active and trainer.strategy.model is not None:
-            local_sgd.check_ddp_module(trainer.strategy.model)
+            local_steps.check_ddp_module(trainer.strategy.model)
         self.lookahead.attach(trainer.optimizers, pl_module, claim)
+        if self._averager is not None and trainer.strategy.model is not None:
+            self._averager.wrap(trainer.strategy.model)  # the workers' gradient all-reduce
         self.lookahead.gate = _InTrainerCallbacks(self, trainer)
         # the distance costs extra passes per sync: measure it only where a row will show it. With
         # shards it needs a collective, so there it must not depend on a per-rank logger choice.
@@ -216,8 +270,12 @@ class LookaheadCallback(Callback):
         if pending is not None:
             if "sharded_path" in pending:
                 pending = checkpoint_io.load_sharded(self.lookahead, pending["sharded_path"])
-            per_rank = pending.get(local_sgd.PER_RANK_KEY)
-            mine = local_sgd.rank_state(per_rank) if self._local_active else None
+            per_rank = pending.get(local_steps.PER_RANK_KEY)
+            mine = (
+                local_steps.rank_state(per_rank, self._workers, pending.get(local_steps.GROUPING_KEY))
+                if self._workers is not None
+                else None
+            )
             if per_rank and not self._local_active:
                 self._warn_once(
                     "per_rank",
@@ -228,13 +286,13 @@ class LookaheadCallback(Callback):
                 pending = {**pending, "fast": mine["fast"], "slow_moments": mine["slow_moments"]}
             self.lookahead.load_tensors(pending)
             if mine is not None:
-                local_sgd.load_optimizer_states(trainer.optimizers, mine["optimizers"])
-                local_sgd.load_buffers(self.lookahead.module, mine.get("buffers", {}))
+                local_steps.load_optimizer_states(trainer.optimizers, mine["optimizers"])
+                local_steps.load_buffers(self.lookahead.module, mine.get("buffers", {}))
         if state is not None:
             self.lookahead.load_counters(state)
         self._logged_syncs = self.lookahead.syncs + self.lookahead.skipped  # log only syncs from here on
-        if isinstance(self.lookahead.before_sync, local_sgd.WeightAverager):
-            self.lookahead.before_sync.start(sum(self.lookahead.steps))  # bytes per step of this fit
+        if self._averager is not None:
+            self._averager.start(sum(self.lookahead.steps))  # bytes per step of this fit
         self._published = False
 
     @property
@@ -282,8 +340,9 @@ class LookaheadCallback(Callback):
             self.lookahead.use_fast()
             self._eval_swapped = False
         self._catch_up(trainer, pl_module)
-        if self._local_active and trainer.strategy.model is not None:  # before every forward: Lightning
-            local_sgd.disable_ddp_sync(trainer.strategy.model)  # turns it back on under manual optimisation
+        if self._averager is not None and trainer.strategy.model is not None:  # before every forward: Lightning
+            steps = self.lookahead.steps[0] if self.lookahead.steps else 0  # turns it back on under manual
+            self._averager.prepare(trainer.strategy.model, steps)  # optimisation
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # optimizers re-created after on_train_batch_start (by a callback listed after this one) are
@@ -319,8 +378,8 @@ class LookaheadCallback(Callback):
             return
         self._logged_syncs = done
         metrics = la.metrics()  # host reads: logger rows only
-        if isinstance(la.before_sync, local_sgd.WeightAverager):
-            metrics.update(la.before_sync.comm_metrics(sum(la.steps)))
+        if self._averager is not None:
+            metrics.update(self._averager.comm_metrics(sum(la.steps)))
         row = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=row)
@@ -461,16 +520,18 @@ class LookaheadCallback(Callback):
             self._warn_if_unsynced("a checkpoint stores the weights training started from as the model")
         checkpoint_io.write(self.lookahead, pl_module, checkpoint, lambda msg: self._warn_once("missing", msg))
         if self._local_active:  # every rank's own fast weights and optimizer state (a collective)
-            per_rank = local_sgd.gather_rank_states(self.lookahead, trainer.optimizers)
-            if per_rank is not None:
-                checkpoint[CHECKPOINT_KEY][local_sgd.PER_RANK_KEY] = per_rank
+            per_rank = local_steps.gather_rank_states(self.lookahead, trainer.optimizers)
+            if per_rank is not None and self._workers is not None:
+                checkpoint[CHECKPOINT_KEY][local_steps.PER_RANK_KEY] = per_rank
+                checkpoint[CHECKPOINT_KEY][local_steps.GROUPING_KEY] = self._workers.size
 
     def _save_unattached(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
         if self._pending is not None and "fast" in self._pending:
             # restored from a checkpoint whose training loop never ran (a finished run): pass it on
             checkpoint[CHECKPOINT_KEY] = {k: self._pending[k] for k in TENSOR_ENTRIES}
-            if self._pending.get(local_sgd.PER_RANK_KEY):
-                checkpoint[CHECKPOINT_KEY][local_sgd.PER_RANK_KEY] = self._pending[local_sgd.PER_RANK_KEY]
+            for key in (local_steps.PER_RANK_KEY, local_steps.GROUPING_KEY):
+                if self._pending.get(key):
+                    checkpoint[CHECKPOINT_KEY][key] = self._pending[key]
         elif self._stage == "fit":
             # before this fit's first training step (a tuner saving its rollback point): resuming
             # from here starts Lookahead afresh, which is what this marker says
@@ -521,7 +582,8 @@ class LookaheadCallback(Callback):
             self._pending = {"sharded_path": str(trainer.ckpt_path)}
         else:
             self._pending = {k: entry.get(k, {}) for k in TENSOR_ENTRIES}
-            self._pending[local_sgd.PER_RANK_KEY] = entry.get(local_sgd.PER_RANK_KEY)
+            for key in (local_steps.PER_RANK_KEY, local_steps.GROUPING_KEY):
+                self._pending[key] = entry.get(key)
 
 
 class _InTrainerCallbacks:

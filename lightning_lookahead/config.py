@@ -20,6 +20,7 @@ from lightning_lookahead.outer import (
 
 OnNonFinite = Literal["warn", "raise"]
 ON_NONFINITE: tuple[str, ...] = ("warn", "raise")
+AveragePrecision = Literal["full", "bf16"]
 
 
 def check_k(k: Any) -> int:
@@ -145,6 +146,56 @@ class LookaheadConfig:
     def same_outer_state(self, saved: Mapping[str, Any]) -> bool:
         """Whether a saved outer state (momentum buffers, an outer optimizer's state) means the same here."""
         return not ({"outer_momentum", "nesterov", "outer_optimizer"} & set(self.changed_from(saved)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSGDConfig:
+    """Local SGD's settings, validated when built (a ``ValueError`` naming the argument).
+
+    ``ranks_per_worker``: ranks per worker (an int >= 1, or ``"node"``: the ranks of one node,
+    resolved by :meth:`ranks_per_worker_for`); ``start``: optimizer steps of ordinary DDP over the
+    whole world before the local steps begin; ``average_precision``: ``"full"`` (the weights' own
+    dtype) or ``"bf16"`` (pseudo-gradients cross between workers as bfloat16, summed in float32).
+    The last three need ``enabled``.
+
+    Example:
+        >>> LocalSGDConfig(True, ranks_per_worker="node").ranks_per_worker_for(devices_per_node=8)
+        8
+        >>> LocalSGDConfig(False, start=100)
+        Traceback (most recent call last):
+        ...
+        ValueError: Lookahead `local_sgd_start` needs local_sgd=True
+    """
+
+    enabled: bool = False
+    ranks_per_worker: int | Literal["node"] = 1
+    start: int = 0
+    average_precision: AveragePrecision = "full"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "enabled", check_bool("local_sgd", self.enabled))
+        per = self.ranks_per_worker
+        if per != "node" and (_is_bool(per) or not isinstance(per, numbers.Integral) or per < 1):
+            raise ValueError(f"Lookahead `ranks_per_worker` must be an int >= 1 or 'node', got {per!r}")
+        set_(self, "ranks_per_worker", per if per == "node" else int(per))
+        start = self.start
+        if _is_bool(start) or not isinstance(start, numbers.Integral) or start < 0:
+            raise ValueError(f"Lookahead `local_sgd_start` must be an int >= 0 (optimizer steps), got {start!r}")
+        set_(self, "start", int(start))
+        set_(self, "average_precision", check_choice("average_precision", self.average_precision, ("full", "bf16")))
+        if not self.enabled:
+            for name, value, default in (
+                ("ranks_per_worker", self.ranks_per_worker, 1),
+                ("local_sgd_start", self.start, 0),
+                ("average_precision", self.average_precision, "full"),
+            ):
+                if value != default:
+                    raise ValueError(f"Lookahead `{name}` needs local_sgd=True")
+
+    def ranks_per_worker_for(self, devices_per_node: int) -> int:
+        """``ranks_per_worker`` as a number (``"node"``: ``devices_per_node``)."""
+        return devices_per_node if self.ranks_per_worker == "node" else int(self.ranks_per_worker)
 
 
 _FIRST_RELEASE = {"outer_momentum": 0.0, "nesterov": True, "outer_optimizer": None}  # 0.1.0 lacked these

@@ -1,19 +1,27 @@
 """Local SGD across data-parallel ranks, with Lookahead's slow step as the outer step (pure PyTorch).
 
-Each rank trains its own fast weights ``theta_r`` on its own data for ``k`` optimizer steps
-without any gradient all-reduce; at a sync the fast weights (and the module's floating buffers,
-e.g. BatchNorm statistics) are averaged over ranks, ``theta = mean_r theta_r``, and then the
-ordinary Lookahead sync runs on that average: ``phi <- phi + alpha (theta - phi)`` (or the outer
-momentum step, DiLoCo's with alpha=0.7, mu=0.9 Nesterov; SlowMo's heavy ball), ``theta <- phi``.
-Every rank ends the sync with identical ``phi`` and ``theta``.
+The world is split into equal contiguous *workers* of ``ranks_per_worker`` ranks (default 1: every
+rank is a worker). Inside a worker, gradients are all-reduced at every step as plain DDP would
+within that group; between workers nothing moves for ``k`` optimizer steps. At a sync the workers'
+fast weights (and the module's floating buffers, e.g. BatchNorm statistics) are averaged,
+``theta = mean_w theta_w``, and then the ordinary Lookahead sync runs on that average:
+``phi <- phi + alpha (theta - phi)`` (or the outer momentum step, DiLoCo's with alpha=0.7, mu=0.9
+Nesterov; SlowMo's heavy ball; any injected outer optimizer), ``theta <- phi``. Every rank ends
+the sync with identical ``phi`` and ``theta``.
 
-This module does one job: the averaging (one ``all_reduce`` per (device, dtype) over a
-flattened copy), counting the bytes it all-reduces, turning DDP's own gradient and buffer
-communication off, and carrying per-rank state through checkpoints. It imports no Lightning.
+Ranks of one worker hold the same weights, so the average across workers is hierarchical: rank
+``j`` of each worker all-reduces only slice ``j`` of the flattened weights with rank ``j`` of the
+other workers, then each worker all-gathers its slices. The payload each rank sends across workers
+is the parameter bytes divided by ``ranks_per_worker``.
+
+This module does one job: the averaging, the workers' gradient all-reduce (a DDP communication
+hook on the worker's process group), counting the bytes of both, and carrying per-rank state
+through checkpoints. It imports no Lightning.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,36 +31,232 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_lookahead._grouping import group_by_device_dtype
+from lightning_lookahead._grouping import group_by_device_dtype, group_indices_by_device_dtype
+from lightning_lookahead.config import LocalSGDConfig
 from lightning_lookahead.distributed import _collective_device, local, rank, world_size
 
 if TYPE_CHECKING:
     from lightning_lookahead.lookahead import Lookahead
 
 PER_RANK_KEY = "per_rank"  # checkpoint["lookahead"][PER_RANK_KEY]: one entry per rank, rank order
+GROUPING_KEY = "ranks_per_worker"  # checkpoint["lookahead"][GROUPING_KEY]: the grouping it was saved with
 
 
-@torch.no_grad()
-def average_(tensors: Sequence[Tensor]) -> int:
-    """Replace each tensor by its mean over all ranks, in place; returns the bytes all-reduced.
+class Workers:
+    """The world as ``world / ranks_per_worker`` equal contiguous workers, and the process groups
+    a sync needs: ``intra`` (this rank's worker) and ``cross`` (the ranks at this rank's position in
+    every worker). ``None`` where the group would hold this rank alone. Creating them is a
+    collective: every rank must construct ``Workers`` at the same point.
 
-    One ``all_reduce`` (SUM) per (device, dtype) group over a flattened copy, then a division by
-    the world size. Every rank must pass tensors of the same shapes, dtypes and order. The sum is
-    taken in the tensors' own dtype, as DDP does with gradients. A single process returns 0.
+    Example: 4 ranks, ``ranks_per_worker=2``: workers {0, 1} and {2, 3}; rank 1 has ``intra`` =
+    {0, 1}, ``cross`` = {1, 3}, ``position`` 1 (it sends slice 1 of the weights across).
     """
-    world = world_size()
-    if world == 1 or not tensors:
-        return 0
-    sent = 0
-    for group in group_by_device_dtype(list(tensors)):
-        flat = torch._utils._flatten_dense_tensors(group)  # one contiguous copy of the group
-        on = flat.to(_collective_device(flat))
-        dist.all_reduce(on, op=dist.ReduceOp.SUM)
-        on.div_(world)
-        sent += on.numel() * on.element_size()
-        for t, avg in zip(group, torch._utils._unflatten_dense_tensors(on.to(flat.device), group)):
+
+    def __init__(self, ranks_per_worker: int) -> None:
+        world, me = world_size(), rank()
+        if world % ranks_per_worker:
+            raise ValueError(
+                f"Lookahead local SGD: ranks_per_worker={ranks_per_worker} does not divide the {world} processes"
+                " into equal workers; use a divisor of the world size (or 'node' for the ranks of one node)."
+            )
+        self.size = ranks_per_worker  # ranks per worker
+        self.count = world // ranks_per_worker  # workers
+        self.index, self.position = divmod(me, ranks_per_worker)
+        self.intra: Any = None  # a ProcessGroup
+        self.cross: Any = None
+        if world == 1:
+            return
+        if self.size == world:
+            self.intra = dist.group.WORLD
+        elif self.size == 1:
+            self.cross = dist.group.WORLD
+        else:
+            r, n = self.size, self.count
+            self.intra, _ = dist.new_subgroups_by_enumeration([list(range(w * r, w * r + r)) for w in range(n)])
+            self.cross, _ = dist.new_subgroups_by_enumeration([[w * r + j for w in range(n)] for j in range(r)])
+
+    def first_rank(self) -> int:
+        """The global rank of this worker's first rank."""
+        return self.index * self.size
+
+
+class WeightAverager:
+    """Local SGD as a step before each Lookahead sync: the synced optimizer's fast weights and the
+    module's floating buffers are averaged over the workers, then the ordinary slow step runs on
+    the average. Give it to the core as ``before_sync``:
+
+    Example::
+
+        averager = WeightAverager(LocalSGDConfig(True, ranks_per_worker=8), Workers(8))
+        la = Lookahead(k=16, alpha=0.5, before_sync=averager)
+        la.attach([optimizer], model)
+        averager.wrap(ddp_model)                 # the workers' gradient all-reduce (a comm hook)
+        for batch in data:
+            averager.prepare(ddp_model, la.steps[0])  # before each forward: DDP's flags for this step
+            ...
+
+    Each rank counts its own optimizer steps, and every rank must take the same number of them (as
+    under DDP), so the collectives line up. In a single process it does nothing.
+
+    ``config.start`` steps of ordinary DDP over the whole world come first (the averaging is then
+    skipped: every rank holds the same weights). With ``config.average_precision="bf16"`` the
+    pseudo-gradients ``theta_w - phi`` cross between workers as bfloat16 and are summed in float32
+    on arrival: the average becomes ``phi + mean_w bf16(theta_w - phi)``; buffers stay exact.
+
+    :attr:`inter_bytes` counts the payload bytes this rank sent between workers since :meth:`start`
+    (its slice at syncs; the world-wide gradient all-reduce during warm-up), :attr:`intra_bytes`
+    those inside its worker (the gradient all-reduce, the all-gather of the slices at syncs).
+    Payload, not wire traffic: a ring all-reduce sends about twice that per rank.
+    """
+
+    def __init__(self, config: LocalSGDConfig | None = None, workers: Workers | None = None) -> None:
+        self.config = config if config is not None else LocalSGDConfig(True)
+        self.workers = workers if workers is not None else Workers(1)
+        self.warming_up = False  # this step all-reduces gradients over the whole world
+        self._ddp_defaults: dict[str, bool] | None = None
+        self.start(0)
+
+    def start(self, steps: int) -> None:
+        """Count bytes from here; ``steps``: the optimizer steps already taken (a resumed run)."""
+        self.inter_bytes = 0
+        self.intra_bytes = 0
+        self.averaged = 0  # syncs that averaged across workers
+        self.steps_at_start = steps
+
+    # ---------------------------------------------------------------- the sync
+    @torch.no_grad()
+    def __call__(self, la: Lookahead, index: int) -> None:
+        if self.workers.count == 1 or la.steps[index] <= self.config.start:
+            return  # one worker, or only warm-up steps since the last sync: every rank holds the same
+        group = la.groups[index]
+        fast = [local(p) for p in group.params]
+        buffers = floating_buffers(la.module)
+        if self.workers.size > 1:  # a worker's ranks saw different batches: their statistics differ
+            for part in group_by_device_dtype(buffers):
+                self._flat(part, self._mean_in_worker)
+        if self.config.average_precision == "bf16":
+            for part in group_by_device_dtype(buffers):
+                self._flat(part, self._mean_across)
+            slow = list(group.slow_tensors().values())
+            for idx in group_indices_by_device_dtype(fast):
+                self._mean_deltas([fast[i] for i in idx], [slow[i] for i in idx])
+        else:
+            for part in group_by_device_dtype(fast + buffers):
+                self._flat(part, self._mean_across)
+        self.averaged += 1
+
+    def _flat(self, tensors: list[Tensor], mean: Any) -> None:
+        flat = torch._utils._flatten_dense_tensors(tensors)  # one contiguous copy of the group
+        averaged = mean(flat.to(_collective_device(flat))).to(flat.device)
+        for t, avg in zip(tensors, torch._utils._unflatten_dense_tensors(averaged, tensors)):
             t.copy_(avg)
-    return sent
+
+    def _mean_deltas(self, fast: list[Tensor], slow: list[Tensor]) -> None:
+        theta = torch._utils._flatten_dense_tensors(fast)
+        phi = torch._utils._flatten_dense_tensors(slow)
+        on = _collective_device(theta)
+        delta = self._mean_across(theta.sub_(phi).to(on), reduced=True).to(theta.device)
+        for t, avg in zip(fast, torch._utils._unflatten_dense_tensors(phi.add_(delta), fast)):
+            t.copy_(avg)
+
+    def _mean_in_worker(self, flat: Tensor) -> Tensor:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.workers.intra)
+        self.intra_bytes += _nbytes(flat)
+        return flat.div_(self.workers.size)
+
+    def _mean_across(self, flat: Tensor, reduced: bool = False) -> Tensor:
+        """The mean of ``flat`` over the workers, where every rank of a worker holds the same ``flat``:
+        this rank's slice crosses (all-reduced, or with ``reduced`` all-gathered as bfloat16 and
+        summed in float32), then the worker all-gathers the averaged slices."""
+        w = self.workers
+        n = flat.numel()
+        width = math.ceil(n / w.size)
+        if w.size > 1:
+            padded = flat.new_zeros(width * w.size)
+            padded[:n] = flat
+            piece = padded[w.position * width : (w.position + 1) * width]
+        else:
+            piece = flat
+        if reduced:
+            payload = piece.to(torch.bfloat16)
+            arrived = payload.new_empty(w.count * width)
+            _gather(arrived, payload, group=w.cross)
+            piece = arrived.view(w.count, width).float().sum(0).div_(w.count).to(flat.dtype)
+            self.inter_bytes += _nbytes(payload)
+        else:
+            dist.all_reduce(piece, op=dist.ReduceOp.SUM, group=w.cross)
+            piece.div_(w.count)
+            self.inter_bytes += _nbytes(piece)
+        if w.size == 1:
+            return piece
+        whole = flat.new_empty(width * w.size)
+        _gather(whole, piece.contiguous(), group=w.intra)
+        self.intra_bytes += _nbytes(piece)
+        return whole[:n]
+
+    # ---------------------------------------------------------------- the steps between syncs
+    def wrap(self, model: nn.Module) -> None:
+        """Register the workers' gradient all-reduce on a ``DistributedDataParallel`` wrapper (once;
+        before its first backward). Not needed, and not registered, when every rank is its own
+        worker and nothing warms up: then DDP's gradient all-reduce is simply switched off."""
+        if not isinstance(model, nn.parallel.DistributedDataParallel) or getattr(model, "_lookahead_hook", False):
+            return
+        if self.workers.size > 1 or self.config.start > 0:
+            # unannotated: DDP compares the hook's annotations with the classes, and ours are strings
+            model.register_comm_hook(None, lambda state, bucket: self._allreduce_hook(bucket))
+            model._lookahead_hook = True  # type: ignore[assignment]
+
+    def _allreduce_hook(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        grads = bucket.buffer()
+        group: Any = self.workers.intra  # never None here: prepare() turns the all-reduce off then
+        if self.warming_up and self.workers.count > 1:  # ordinary DDP: the whole world
+            group = dist.group.WORLD
+            self.inter_bytes += _nbytes(grads)
+        else:
+            self.intra_bytes += _nbytes(grads)
+        return allreduce_hook(group, bucket)
+
+    def prepare(self, model: nn.Module, steps: int) -> None:
+        """Set a ``DistributedDataParallel`` wrapper up for the next forward/backward, ``steps``
+        optimizer steps into the run: during warm-up ordinary DDP over the world; then the worker's
+        gradient all-reduce (none when a worker is one rank) and no buffer broadcast from rank 0
+        (buffers are averaged at syncs).
+
+        DDP reads these flags in ``forward`` (``no_sync()`` sets the same flag), so call this before
+        every forward: Lightning's ``no_sync`` restores the value it found, but under manual
+        optimisation it sets the gradient flag back to ``True`` after each forward.
+        """
+        self.warming_up = steps < self.config.start
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
+            return
+        if self._ddp_defaults is None:
+            self._ddp_defaults = {"broadcast_buffers": bool(model.broadcast_buffers)}
+        model.require_backward_grad_sync = self.warming_up or self.workers.size > 1
+        model.require_forward_param_sync = self.warming_up
+        model.broadcast_buffers = self.warming_up and self._ddp_defaults["broadcast_buffers"]
+
+    def comm_metrics(self, steps: int) -> dict[str, float]:
+        """Bytes since :meth:`start` and per optimizer step since then (all optimizers together;
+        ``steps``: all steps taken so far), between workers and inside them."""
+        per = max(steps - self.steps_at_start, 1)
+        return {
+            "lookahead/inter_bytes": float(self.inter_bytes),
+            "lookahead/inter_bytes_per_step": self.inter_bytes / per,
+            "lookahead/intra_bytes": float(self.intra_bytes),
+            "lookahead/intra_bytes_per_step": self.intra_bytes / per,
+        }
+
+
+def _gather(out: Tensor, piece: Tensor, group: Any) -> None:
+    """All-gather ``piece`` from every rank of ``group`` into ``out``, in rank order."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
+    gather(out, piece, group=group)
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def floating_buffers(module: nn.Module) -> list[Tensor]:
@@ -61,73 +265,14 @@ def floating_buffers(module: nn.Module) -> list[Tensor]:
     return [b for b in module.buffers() if b.is_floating_point()]
 
 
-class WeightAverager:
-    """Local SGD as a step before each Lookahead sync: the synced optimizer's fast weights and the
-    module's floating buffers are averaged over the ranks, then the ordinary slow step runs on the
-    average. Give it to the core as ``before_sync``:
-
-    Example::
-
-        la = Lookahead(k=16, alpha=0.5, before_sync=WeightAverager())
-        la.attach([optimizer], model)   # every rank; turn DDP's own all-reduce off (disable_ddp_sync)
-
-    Each rank counts its own optimizer steps, and every rank must take the same number of them (as
-    under DDP), so the averaging collectives line up. In a single process it does nothing.
-    :attr:`allreduce_bytes` counts the payload bytes all-reduced since :meth:`start` (payload, not
-    wire traffic: a ring all-reduce sends about twice that per rank).
-    """
-
-    def __init__(self) -> None:
-        self.start(0)
-
-    def start(self, steps: int) -> None:
-        """Count bytes from here; ``steps``: the optimizer steps already taken (a resumed run)."""
-        self.allreduce_bytes = 0
-        self.allreduce_calls = 0  # syncs that all-reduced (each is one collective per dtype)
-        self.steps_at_start = steps
-
-    def __call__(self, la: Lookahead, index: int) -> None:
-        fast = [local(p) for p in la.groups[index].params]
-        sent = average_(fast + floating_buffers(la.module))
-        if sent:
-            self.allreduce_bytes += sent
-            self.allreduce_calls += 1
-
-    def comm_metrics(self, steps: int) -> dict[str, float]:
-        """``lookahead/allreduce_bytes`` (since :meth:`start`) and ``lookahead/allreduce_bytes_per_step``
-        (per optimizer step since then, all optimizers together; ``steps``: all steps taken so far)."""
-        return {
-            "lookahead/allreduce_bytes": float(self.allreduce_bytes),
-            "lookahead/allreduce_bytes_per_step": self.allreduce_bytes / max(steps - self.steps_at_start, 1),
-        }
-
-
 # ---------------------------------------------------------------------------- DDP
-def disable_ddp_sync(model: nn.Module) -> bool:
-    """Turn off a ``DistributedDataParallel`` wrapper's gradient all-reduce and buffer broadcast
-    for the next forward/backward; returns whether ``model`` is such a wrapper.
-
-    DDP reads ``require_backward_grad_sync`` in ``forward`` (``no_sync()`` sets the same flag), so
-    call this before every forward: Lightning's ``no_sync`` restores the value it found, but under
-    manual optimisation it sets the flag back to ``True`` after each forward. Buffers are
-    broadcast from rank 0 before a forward only while ``broadcast_buffers`` (``forward_sync_buffers``)
-    and ``require_forward_param_sync`` hold; local SGD averages them at syncs instead.
-    """
-    if not isinstance(model, nn.parallel.DistributedDataParallel):
-        return False
-    model.require_backward_grad_sync = False
-    model.require_forward_param_sync = False
-    model.broadcast_buffers = False  # a property over forward_sync_buffers in recent torch
-    return True
-
-
 def check_ddp_module(model: nn.Module) -> None:
     """Refuse DDP settings that local SGD cannot honour."""
     if isinstance(model, nn.parallel.DistributedDataParallel) and getattr(model, "static_graph", False):
         raise ValueError(
             "LookaheadCallback(local_sgd=True) does not support DDP's static_graph=True: static-graph DDP plans"
-            " its gradient all-reduces from the first iteration, and local SGD runs without any. Use"
-            " static_graph=False (the default)."
+            " its gradient all-reduces from the first iteration, and local SGD switches them off or onto the"
+            " worker's ranks. Use static_graph=False (the default)."
         )
 
 
@@ -157,20 +302,21 @@ def check_strategy(strategy: Any, world: int, scaler: Any = None) -> bool:
     if kwargs.get("static_graph"):
         raise ValueError(
             "LookaheadCallback(local_sgd=True) does not support DDPStrategy(static_graph=True): static-graph DDP"
-            " plans its gradient all-reduces from the first iteration, and local SGD runs without any."
-            " Use static_graph=False (the default)."
+            " plans its gradient all-reduces from the first iteration, and local SGD switches them off or onto"
+            " the worker's ranks. Use static_graph=False (the default)."
         )
     hooks = [n for n in ("_ddp_comm_hook", "_ddp_comm_wrapper", "_model_averaging_period") if getattr(strategy, n, None)]
     if hooks:
         raise ValueError(
-            "LookaheadCallback(local_sgd=True) turns DDP's gradient all-reduce off, so a DDP communication hook"
-            " (ddp_comm_hook / ddp_comm_wrapper / model_averaging_period: " + ", ".join(h.lstrip("_") for h in hooks) +
-            ") would never run, and post-local-SGD model averaging would average a second time. Remove it."
+            "LookaheadCallback(local_sgd=True) owns DDP's gradient all-reduce (off, or its own communication hook"
+            " over each worker's ranks), so a DDP communication hook (ddp_comm_hook / ddp_comm_wrapper /"
+            " model_averaging_period: " + ", ".join(h.lstrip("_") for h in hooks) + ") would never run, and"
+            " post-local-SGD model averaging would average a second time. Remove it."
         )
     if scaler is not None:
         raise ValueError(
             "LookaheadCallback(local_sgd=True) cannot be used with a GradScaler (precision='16-mixed'): without"
-            " the gradient all-reduce each rank decides on its own to skip a step for inf/nan gradients, so"
+            " a world-wide gradient all-reduce each worker decides on its own to skip a step for inf/nan gradients, so"
             " the ranks' step counts and sync collectives would drift apart. Use precision='bf16-mixed' or 32."
         )
     return True
@@ -209,9 +355,16 @@ def gather_rank_states(la: Lookahead, optimizers: Sequence[Optimizer]) -> list[d
     return everyone if rank() == 0 else None
 
 
-def rank_state(per_rank: Sequence[Mapping[str, Any]] | None) -> Mapping[str, Any] | None:
-    """This rank's entry of a checkpoint's per-rank list, or ``None`` when there is none or it was
-    written by another number of ranks (then every rank continues from rank 0's state)."""
+def rank_state(
+    per_rank: Sequence[Mapping[str, Any]] | None, workers: Workers, saved_grouping: int | None
+) -> Mapping[str, Any] | None:
+    """This rank's entry of a checkpoint's per-rank list (``None`` when there is none).
+
+    The rule: the same number of ranks and the same ``ranks_per_worker`` -> each rank its own entry
+    (an exact resume); the same number of ranks, another grouping -> each worker's ranks take the
+    entry of the worker's first rank, so a worker starts as one replica; another number of ranks ->
+    ``None`` (every rank continues from rank 0's state, which Lightning loaded). Both changes warn.
+    """
     if not per_rank:
         return None
     if len(per_rank) != world_size():
@@ -222,6 +375,17 @@ def rank_state(per_rank: Sequence[Mapping[str, Any]] | None) -> Mapping[str, Any
             stacklevel=2,
         )
         return None
+    saved = saved_grouping or 1  # checkpoints from before worker groups: one rank per worker
+    if saved != workers.size:
+        if rank() == 0:
+            warnings.warn(
+                f"Lookahead local SGD: the checkpoint was saved with ranks_per_worker={saved}, this run has"
+                f" {workers.size}; each worker continues from the saved state (fast weights, buffers,"
+                " optimizer state) of its first rank.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return per_rank[workers.first_rank()]
     return per_rank[rank()]
 
 

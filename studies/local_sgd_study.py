@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # mni
 from mnist import LitCNN, MNISTDataModule  # noqa: E402
 
 from lightning_lookahead import Lookahead  # noqa: E402
-from lightning_lookahead.local_sgd import WeightAverager, disable_ddp_sync  # noqa: E402
+from lightning_lookahead.local_sgd import WeightAverager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {  # name: (alpha, outer momentum); None: ordinary DDP
@@ -103,7 +103,7 @@ def run_one(method: str, k: int, seed: int, steps: int, dm: MNISTDataModule, wor
     for _ in range(steps):
         x, y = next(batches)
         if la is not None:
-            disable_ddp_sync(ddp)
+            la.before_sync.prepare(ddp, la.steps[0])  # DDP's gradient all-reduce off
         opt.zero_grad()
         nn.functional.cross_entropy(ddp(x), y).backward()
         opt.step()
@@ -113,7 +113,7 @@ def run_one(method: str, k: int, seed: int, steps: int, dm: MNISTDataModule, wor
         la.detach()
         la.use_slow()  # phi, replicated; equal to the fast weights right after the last sync
         assert isinstance(la.before_sync, WeightAverager)
-        counted[0] = la.before_sync.allreduce_bytes
+        counted[0] = la.before_sync.inter_bytes
     val_loss, val_acc = _evaluate(net, DataLoader(dm.val_set, batch_size=500))
     return dict(
         method=method, k=k if la is not None else 1, seed=seed, steps=steps, val_loss=round(val_loss, 5),

@@ -163,15 +163,16 @@ def test_no_gradient_all_reduce_and_one_weight_all_reduce_per_sync(sgd_runs, dil
             # the weight averages: one float32 all-reduce of all 146 parameters, at sync steps only
             # (global_step inside the step hook = completed steps = step - 1); the rank check's
             # float64 checksums and validation's 1-element logging are the other all-reduces
-            weights = [step for step, dtype, n in c["all_reduces"] if dtype == "torch.float32" and n == N_PARAMS]
+            weights = [step for step, dtype, n, *_ in c["all_reduces"] if dtype == "torch.float32" and n == N_PARAMS]
             assert weights == [s - 1 for s in range(k, steps + 1, k)], (out, rank, c["all_reduces"])
 
 
 def test_bytes_per_step_are_logged(sgd_runs):
-    rows = [r for r in csv.DictReader(open(sgd_runs / "full" / "metrics.csv")) if r.get("lookahead/allreduce_bytes")]
-    assert [(int(r["step"]), float(r["lookahead/allreduce_bytes"])) for r in rows] == [(3, 584.0), (7, 1168.0), (11, 1752.0)]
+    rows = [r for r in csv.DictReader(open(sgd_runs / "full" / "metrics.csv")) if r.get("lookahead/inter_bytes")]
+    assert [(int(r["step"]), float(r["lookahead/inter_bytes"])) for r in rows] == [(3, 584.0), (7, 1168.0), (11, 1752.0)]
     # 146 float32 = 584 bytes every k=4 steps: 146 bytes per step, DDP's gradient all-reduce moves 584
-    assert {float(r["lookahead/allreduce_bytes_per_step"]) for r in rows} == {146.0}
+    assert {float(r["lookahead/inter_bytes_per_step"]) for r in rows} == {146.0}
+    assert {float(r["lookahead/intra_bytes_per_step"]) for r in rows} == {0.0}  # one rank per worker
 
 
 # ----------------------------------------------------------------------------- replication
@@ -218,7 +219,7 @@ def test_another_number_of_ranks_continues_from_rank_0_with_a_warning(monkeypatc
     monkeypatch.setattr(local_sgd, "world_size", lambda: 3)
     states = [{"fast": {"w": torch.zeros(1)}}, {"fast": {"w": torch.ones(1)}}]
     with pytest.warns(RuntimeWarning, match="holds the state of 2 ranks, this run has 3"):
-        assert local_sgd.rank_state(states) is None  # the caller then keeps rank 0's (Lightning's) state
+        assert local_sgd.rank_state(states, local_sgd.Workers(1), 1) is None  # the caller keeps rank 0's state
 
 @pytest.mark.parametrize("runs", ["sgd_runs", "diloco_runs"])
 def test_resume_is_bit_identical_mid_round_and_at_a_sync_boundary(runs, request):
@@ -298,10 +299,16 @@ def test_single_process_is_plain_lookahead_with_one_warning():
         assert torch.equal(a, b)
 
 
-def test_average_is_a_no_op_in_a_single_process():
-    t = [torch.ones(3), torch.zeros(2, dtype=torch.float64)]
-    assert local_sgd.average_(t) == 0
-    assert torch.equal(t[0], torch.ones(3))
+def test_averager_is_a_no_op_in_a_single_process():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    averager = local_sgd.WeightAverager()
+    la = Lookahead(k=1, alpha=1.0, before_sync=averager)
+    la.attach([opt], model)
+    before = [p.detach().clone() for p in model.parameters()]
+    averager(la, 0)
+    assert averager.averaged == averager.inter_bytes == averager.intra_bytes == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 # ----------------------------------------------------------------------------- the core, without Lightning
@@ -333,7 +340,7 @@ def _average_worker(rank: int, port: int, out: str) -> None:
         opt.step()  # the second step syncs
     snapshots.append({n: t.detach().clone() for n, t in model.state_dict().items()})
     snapshots.append({"slow": {n: t.clone() for n, t in la.tensors()["slow"].items()}, "calls": calls,
-                      "bytes": averager.allreduce_bytes})  # fmt: skip
+                      "bytes": averager.inter_bytes})  # fmt: skip
     dist.all_reduce = original
     torch.save(snapshots, f"{out}/avg_rank{rank}.pt")
     dist.destroy_process_group()
@@ -403,7 +410,7 @@ def _buffers_worker(rank: int, port: int, out: str) -> None:
     with torch.no_grad():
         for b in model.buffers():
             b.zero_()
-    local_sgd.load_buffers(model, local_sgd.rank_state(everyone[0])["buffers"])
+    local_sgd.load_buffers(model, local_sgd.rank_state(everyone[0], local_sgd.Workers(1), 1)["buffers"])
     torch.save({"own": own, "restored": dict(model.named_buffers())}, f"{out}/buffers_rank{rank}.pt")
     dist.destroy_process_group()
 

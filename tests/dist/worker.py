@@ -109,15 +109,17 @@ class Perturb(Callback):
 
 class CommCounter(Callback):
     """Counts communication per optimizer step: DDP's gradient all-reduces (a comm hook that does
-    DDP's default all-reduce and counts its buckets) and every Python-level
-    ``torch.distributed.all_reduce`` (shape and dtype), keyed by ``trainer.global_step`` at the
-    call (inside the optimizer step hook it is the number of completed steps); snapshots the fast
+    DDP's default all-reduce and counts its buckets, unless local SGD registered its own) and every
+    Python-level ``torch.distributed.all_reduce`` and ``all_gather_single`` (dtype, numel, the
+    group's ranks, in training or not), keyed by ``trainer.global_step`` at the call (inside the
+    optimizer step hook and the backward it is the number of completed steps); snapshots the fast
     weights after every sync. Written to ``OUT/comm_rank{r}.pt``."""
 
     def __init__(self, cb: LookaheadCallback, out: str) -> None:
         self.cb, self.out = cb, out
         self.grad_buckets: dict[int, int] = {}
-        self.all_reduces: list[tuple[int, str, int]] = []
+        self.all_reduces: list[tuple] = []  # (global_step, dtype, numel, group ranks, training)
+        self.all_gathers: list[tuple] = []  # the same, for the piece each rank contributes
         self.after_sync: list[dict[str, torch.Tensor]] = []
         self._syncs = 0
 
@@ -126,17 +128,30 @@ class CommCounter(Callback):
 
         if stage != "fit" or getattr(dist.all_reduce, "_counted", False):
             return
-        original = dist.all_reduce
 
-        def counted(tensor, *args, **kwargs):
-            self.all_reduces.append((trainer.global_step, str(tensor.dtype), tensor.numel()))
-            return original(tensor, *args, **kwargs)
+        def ranks(group):
+            return dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
 
-        counted._counted = True
-        dist.all_reduce = counted
+        all_reduce, all_gather = dist.all_reduce, dist.all_gather_single
+
+        def counted_reduce(tensor, *args, **kwargs):  # all_reduce(tensor, op, group, async_op)
+            group = kwargs.get("group", args[1] if len(args) > 1 else None)
+            self.all_reduces.append((trainer.global_step, str(tensor.dtype), tensor.numel(), ranks(group), trainer.training))
+            return all_reduce(tensor, *args, **kwargs)
+
+        def counted_gather(out, piece, *args, **kwargs):  # all_gather_single(out, piece, group, async_op)
+            group = kwargs.get("group", args[0] if args else None)
+            self.all_gathers.append((trainer.global_step, str(piece.dtype), piece.numel(), ranks(group), trainer.training))
+            return all_gather(out, piece, *args, **kwargs)
+
+        counted_reduce._counted = True
+        dist.all_reduce, dist.all_gather_single = counted_reduce, counted_gather
 
     def on_train_start(self, trainer, pl_module):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        if getattr(trainer.strategy.model, "_lookahead_hook", False):
+            return  # local SGD's own hook: its all-reduces are counted above, with their groups
 
         def hook(state, bucket):
             step = trainer.global_step
@@ -155,29 +170,35 @@ class CommCounter(Callback):
         if stage != "fit":
             return
         torch.save(
-            {"grad_buckets": self.grad_buckets, "all_reduces": self.all_reduces, "after_sync": self.after_sync},
+            {
+                "grad_buckets": self.grad_buckets,
+                "all_reduces": self.all_reduces,
+                "all_gathers": self.all_gathers,
+                "after_sync": self.after_sync,
+            },
             os.path.join(self.out, f"comm_rank{trainer.global_rank}.pt"),
         )
 
 
-def _loader(data, rank: int | None) -> torch.utils.data.DataLoader:
+def _loader(data, rank: int | None, world: int = 2) -> torch.utils.data.DataLoader:
     from torch.utils.data import DistributedSampler
 
     if rank is None:  # ddp_spawn: the rank is only known inside the spawned process
-        return _SpawnLoader(data)
-    return torch.utils.data.DataLoader(data, batch_size=8, sampler=DistributedSampler(data, 2, rank, shuffle=False))
+        return _SpawnLoader(data, world)
+    sampler = DistributedSampler(data, world, rank, shuffle=False)
+    return torch.utils.data.DataLoader(data, batch_size=16 // world, sampler=sampler)  # a global batch of 16
 
 
 class _SpawnLoader:
     """Resolves its rank when iterated (inside the spawned worker)."""
 
-    def __init__(self, data) -> None:
-        self.data = data
+    def __init__(self, data, world: int) -> None:
+        self.data, self.world = data, world
 
     def _inner(self):
         import torch.distributed as dist
 
-        return _loader(self.data, dist.get_rank())
+        return _loader(self.data, dist.get_rank(), self.world)
 
     def __iter__(self):
         return iter(self._inner())
@@ -206,6 +227,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--local-sgd", action="store_true", help="LookaheadCallback(local_sgd=True)")
+    ap.add_argument("--ranks-per-worker", default="1", help="an int or 'node'")
+    ap.add_argument("--local-sgd-start", type=int, default=0)
+    ap.add_argument("--average-precision", default="full")
+    ap.add_argument("--devices", type=int, default=2, help="processes per node")
+    ap.add_argument("--num-nodes", type=int, default=1, help="launch one command per node, NODE_RANK=0..")
     ap.add_argument("--count-comm", action="store_true", help="count all-reduces per step (OUT/comm_rank{r}.pt)")
     ap.add_argument("--freeze-first", action="store_true", help="net.0 frozen and not optimised")
     ap.add_argument("--skip-step-rank", type=int, default=None, help="manual optimisation; this rank skips a step")
@@ -229,6 +255,9 @@ def main() -> None:
         check_ranks_every=args.check_every,
         outer_momentum=args.outer_momentum,
         local_sgd=args.local_sgd,
+        ranks_per_worker=args.ranks_per_worker if args.ranks_per_worker == "node" else int(args.ranks_per_worker),
+        local_sgd_start=args.local_sgd_start,
+        average_precision=args.average_precision,
     )
     callbacks: list[Callback] = [cb, Dump(cb, args.out)]
     if args.count_comm:
@@ -239,7 +268,8 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
         strategy=strategy,
         max_epochs=args.epochs,
         callbacks=callbacks,
@@ -255,11 +285,13 @@ def main() -> None:
     kw = dict(fsdp2=fsdp2, opt=args.opt, root_only=args.root_only, poison_rank=args.poison_rank)
     kw["freeze_first"] = args.freeze_first
     model = Module(**kw) if args.skip_step_rank is None else SkipStepModule(args.skip_step_rank, **kw)
-    # Explicit in-order sharding: rank r sees samples r, r+2, ...; 8 per rank = a 16-sample global batch
-    # equal to the single-process batch of samples 0..15.
-    rank = int(os.environ.get("LOCAL_RANK", 0)) if args.strategy != "ddp_spawn" else None
-    train = _loader(make_data(0), rank)
-    val = _loader(make_data(1), rank)
+    # Explicit in-order sharding: rank r of W sees samples r, r+W, ...; 16/W per rank = a 16-sample
+    # global batch equal to the single-process batch of samples 0..15.
+    world = args.devices * args.num_nodes
+    node = int(os.environ.get("NODE_RANK", 0))
+    rank = node * args.devices + int(os.environ.get("LOCAL_RANK", 0)) if args.strategy != "ddp_spawn" else None
+    train = _loader(make_data(0), rank, world)
+    val = _loader(make_data(1), rank, world)
     trainer.fit(model, train, val, ckpt_path=args.ckpt)
     if args.save_main:  # ddp_spawn: this is the launching process, where no fit hook ran
         with warnings.catch_warnings(record=True) as caught:
