@@ -196,15 +196,19 @@ class WeightAverager:
 
     # ---------------------------------------------------------------- the steps between syncs
     def wrap(self, model: nn.Module) -> None:
-        """Register the workers' gradient all-reduce on a ``DistributedDataParallel`` wrapper (once;
-        before its first backward). Not needed, and not registered, when every rank is its own
-        worker and nothing warms up: then DDP's gradient all-reduce is simply switched off."""
-        if not isinstance(model, nn.parallel.DistributedDataParallel) or getattr(model, "_lookahead_hook", False):
+        """Route a ``DistributedDataParallel`` wrapper's gradient all-reduce through this averager
+        (registered once, before its first backward; an averager that replaces this one, e.g. after a
+        mid-fit restore, takes the route over). Not registered when every rank is its own worker
+        and nothing warms up: then DDP's gradient all-reduce is simply switched off."""
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
             return
-        if self.workers.size > 1 or self.config.start > 0:
+        route = getattr(model, "_lookahead_hook", None)
+        if route is None and (self.workers.size > 1 or self.config.start > 0):
+            route = model._lookahead_hook = _Route()  # type: ignore[assignment]
             # unannotated: DDP compares the hook's annotations with the classes, and ours are strings
-            model.register_comm_hook(None, lambda state, bucket: self._allreduce_hook(bucket))
-            model._lookahead_hook = True  # type: ignore[assignment]
+            model.register_comm_hook(route, lambda route, bucket: route.averager._allreduce_hook(bucket))
+        if route is not None:
+            route.averager = self
 
     def _allreduce_hook(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -247,6 +251,12 @@ class WeightAverager:
             "lookahead/intra_bytes": float(self.intra_bytes),
             "lookahead/intra_bytes_per_step": self.intra_bytes / per,
         }
+
+
+class _Route:
+    """The DDP comm hook's state: the averager that counts and routes the gradient all-reduce."""
+
+    averager: WeightAverager
 
 
 def _gather(out: Tensor, piece: Tensor, group: Any) -> None:

@@ -340,3 +340,27 @@ def test_changed_grouping_continues_each_worker_from_its_first_rank_with_a_warni
         assert local_sgd.rank_state(states, workers, saved_grouping=None) is states[0]
     workers, _ = _layout(monkeypatch, world=4, rank=3, per_worker=2)
     assert local_sgd.rank_state(states, workers, saved_grouping=1) is states[2]  # rank 3: its worker starts at 2
+
+
+def _route_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(3, 2))
+    config = LocalSGDConfig(True, start=5)  # a warm-up: the hook is registered although one rank is a worker
+    first, second = (local_sgd.WeightAverager(config, local_sgd.Workers(1)) for _ in range(2))
+    first.wrap(ddp)
+    second.wrap(ddp)  # a new core after a mid-fit restore: it must get the hook's traffic
+    second.prepare(ddp, steps=0)
+    ddp(torch.randn(4, 3)).sum().backward()
+    torch.save({"first": first.intra_bytes + first.inter_bytes, "second": second.intra_bytes}, f"{out}/route.pt")
+    dist.destroy_process_group()
+
+
+def test_a_replacing_averager_takes_over_the_gradient_hook(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_route_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True, start_method="spawn")
+    counted = torch.load(tmp_path / "route.pt")
+    assert counted == {"first": 0, "second": (3 * 2 + 2) * 4}
