@@ -364,3 +364,65 @@ def test_a_replacing_averager_takes_over_the_gradient_hook(tmp_path):
     mp.start_processes(_route_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True, start_method="spawn")
     counted = torch.load(tmp_path / "route.pt")
     assert counted == {"first": 0, "second": (3 * 2 + 2) * 4}
+
+
+def _hierarchical_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from lightning_lookahead import Lookahead
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    workers = local_sgd.Workers(2)
+    results = {}
+    for precision in ("full", "bf16"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
+        model[2].double()  # a second dtype; 49 float32 weights (63 with the statistics: padded to 2 x 32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step changes nothing; its sync averages
+        averager = local_sgd.WeightAverager(LocalSGDConfig(True, 2, average_precision=precision), workers)
+        la = Lookahead(k=1, alpha=1.0, before_sync=averager)
+        la.attach([opt], model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * (1 + workers.index) * torch.arange(p.numel(), dtype=p.dtype).view_as(p))  # per worker
+            model[1].running_mean.copy_(torch.randn(7, generator=torch.Generator().manual_seed(rank)))  # per rank
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        opt.step()
+        results[precision] = {"before": before, "after": {n: t.clone() for n, t in model.state_dict().items()},
+                              "inter": averager.inter_bytes, "intra": averager.intra_bytes}  # fmt: skip
+    torch.save(results, f"{out}/hier_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_hierarchical_average_of_weights_and_per_rank_statistics(tmp_path):
+    """Pure PyTorch, 4 processes, 2 workers of 2: weights (two dtypes, an odd count) become the mean
+    over workers, BatchNorm statistics (different on every rank) the mean over all 4 ranks, every
+    rank ends identical; each rank sends half of each dtype's values across (padded), with bf16
+    pseudo-gradients half of that again."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_hierarchical_worker, args=(_free_port(), str(tmp_path)), nprocs=4, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"hier_rank{r}.pt") for r in range(4)]
+    for precision in ("full", "bf16"):
+        runs = [r[precision] for r in ranks]
+        for name, t in runs[0]["after"].items():
+            assert all(torch.equal(t, run["after"][name]) for run in runs), (precision, name)
+        b = [run["before"] for run in runs]
+        for name in ("1.running_mean", "1.running_var"):
+            expected = ((b[0][name] + b[1][name]) / 2 + (b[2][name] + b[3][name]) / 2) / 2
+            torch.testing.assert_close(runs[0]["after"][name], expected, atol=0, rtol=0)
+        for name in ("0.weight", "0.bias", "2.weight", "2.bias", "1.weight"):
+            phi = b[0][name] - 0.01 * torch.arange(b[0][name].numel(), dtype=b[0][name].dtype).view_as(b[0][name])
+            if precision == "full":
+                expected = (b[0][name] + b[2][name]) / 2
+            else:
+                expected = phi + ((b[0][name] - phi).bfloat16().float() + (b[2][name] - phi).bfloat16().float()).to(phi.dtype) / 2
+            torch.testing.assert_close(runs[0]["after"][name], expected, atol=1e-7, rtol=1e-7)
+        assert runs[0]["after"]["1.num_batches_tracked"] == 0
+        buffers = 14 * 4  # running mean and var, float32: one all-reduce inside the worker (full size)
+        if precision == "full":  # weights + statistics per dtype, each sliced in two: float32 63 -> 32, float64 24 -> 12
+            inter, gathered = 32 * 4 + 12 * 8, 32 * 4 + 12 * 8
+        else:  # statistics exact (14 floats -> 7), pseudo-gradients as bf16 (49 -> 25, 24 -> 12)
+            inter, gathered = 7 * 4 + 25 * 2 + 12 * 2, 7 * 4 + 25 * 4 + 12 * 8
+        assert (runs[1]["inter"], runs[1]["intra"]) == (inter, buffers + gathered)
