@@ -113,7 +113,6 @@ class WeightAverager:
         self.config = config if config is not None else LocalSGDConfig(True)
         self.workers = workers if workers is not None else Workers(1)
         self.warming_up = False  # this step all-reduces gradients over the whole world
-        self._ddp_defaults: dict[str, bool] | None = None
         self.start(0)
 
     def start(self, steps: int) -> None:
@@ -235,11 +234,11 @@ class WeightAverager:
         self.warming_up = steps < self.config.start
         if not isinstance(model, nn.parallel.DistributedDataParallel):
             return
-        if self._ddp_defaults is None:
-            self._ddp_defaults = {"broadcast_buffers": bool(model.broadcast_buffers)}
+        if not hasattr(model, "_lookahead_broadcast_buffers"):  # the user's choice, before we change it
+            model._lookahead_broadcast_buffers = bool(model.broadcast_buffers)  # type: ignore[assignment]
         model.require_backward_grad_sync = self.warming_up or self.workers.size > 1
         model.require_forward_param_sync = self.warming_up
-        model.broadcast_buffers = self.warming_up and self._ddp_defaults["broadcast_buffers"]
+        model.broadcast_buffers = self.warming_up and bool(model._lookahead_broadcast_buffers)
 
     def comm_metrics(self, steps: int) -> dict[str, float]:
         """Bytes since :meth:`start` and per optimizer step since then (all optimizers together;
