@@ -404,6 +404,10 @@ class LookaheadCallback(Callback):
         self._warn_if_unsynced("the end of training leaves the initial weights in the module")
         self._finish()
 
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._workers is not None:  # local SGD: unequal epochs would misalign the syncs (or hang)
+            local_steps.check_equal_batches(trainer.num_training_batches)
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.lookahead.read_flags()  # device-side skip decisions: warned or raised at the latest here
 

@@ -331,6 +331,30 @@ def check_strategy(strategy: Any, world: int, scaler: Any = None) -> bool:
     return True
 
 
+def check_equal_batches(batches: float) -> None:
+    """Refuse an epoch whose number of training batches differs between ranks, on every rank.
+
+    The syncs' collectives pair up across ranks by order, so every rank must take the same number
+    of optimizer steps; a rank with a shorter data loader would sync against another rank's later
+    step, then leave the others waiting. One 2-float all-reduce per epoch; ``inf`` (an iterable
+    dataset without a length) cannot be checked and passes.
+    """
+    if world_size() == 1:
+        return
+    both = torch.tensor([batches, -batches], dtype=torch.float64)
+    on = both.to(_collective_device(both))
+    dist.all_reduce(on, op=dist.ReduceOp.MAX)
+    most, fewest = on[0].item(), -on[1].item()
+    if most != fewest:
+        raise ValueError(
+            f"Lookahead local SGD: the ranks' training data loaders have different lengths this epoch ({fewest:g}"
+            f" to {most:g} batches; this rank: {batches:g}), so their syncs would fall on different steps and the"
+            " collectives would pair up wrongly or hang. Give every rank the same number of batches: Lightning's"
+            " DistributedSampler (use_distributed_sampler=True, the default) pads the shards to equal length;"
+            " with your own sampler use equal shards or drop_last=True."
+        )
+
+
 # ---------------------------------------------------------------------------- checkpoints
 def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, Tensor):

@@ -427,3 +427,14 @@ def test_per_rank_checkpoint_entries_carry_each_ranks_batchnorm_statistics(tmp_p
     for s in saved:
         for name, value in s["own"].items():
             assert torch.equal(s["restored"][name], value), name
+
+
+def test_unequal_batch_counts_fail_on_every_rank_before_training(tmp_path):
+    """Rank 1's loader is one batch shorter: without the check the syncs fall on different steps and
+    the run hangs at the end (measured: past a 120 s timeout); with it every rank raises at the
+    first epoch start."""
+    proc = run_worker(tmp_path, "--local-sgd", "--k", "4", "--epochs", "2", "--short-rank", "1", "--no-validate", ok=False, timeout=120)
+    assert proc.returncode != 0
+    for rank, mine in ((0, 3), (1, 2)):
+        assert f"[rank{rank}]: ValueError: Lookahead local SGD: the ranks' training data loaders have different lengths" \
+            f" this epoch (2 to 3 batches; this rank: {mine})" in proc.stderr  # fmt: skip

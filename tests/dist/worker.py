@@ -180,12 +180,14 @@ class CommCounter(Callback):
         )
 
 
-def _loader(data, rank: int | None, world: int = 2) -> torch.utils.data.DataLoader:
-    from torch.utils.data import DistributedSampler
+def _loader(data, rank: int | None, world: int = 2, short: bool = False) -> torch.utils.data.DataLoader:
+    from torch.utils.data import DistributedSampler, Subset
 
     if rank is None:  # ddp_spawn: the rank is only known inside the spawned process
         return _SpawnLoader(data, world)
     sampler = DistributedSampler(data, world, rank, shuffle=False)
+    if short:  # this rank's shard one batch shorter than the others'
+        return torch.utils.data.DataLoader(Subset(data, list(sampler)[: -(16 // world)]), batch_size=16 // world)
     return torch.utils.data.DataLoader(data, batch_size=16 // world, sampler=sampler)  # a global batch of 16
 
 
@@ -231,6 +233,7 @@ def main() -> None:
     ap.add_argument("--local-sgd-start", type=int, default=0)
     ap.add_argument("--average-precision", default="full")
     ap.add_argument("--devices", type=int, default=2, help="processes per node")
+    ap.add_argument("--short-rank", type=int, default=None, help="this rank's training data one batch short")
     ap.add_argument("--num-nodes", type=int, default=1, help="launch one command per node, NODE_RANK=0..")
     ap.add_argument("--count-comm", action="store_true", help="count all-reduces per step (OUT/comm_rank{r}.pt)")
     ap.add_argument("--freeze-first", action="store_true", help="net.0 frozen and not optimised")
@@ -290,7 +293,7 @@ def main() -> None:
     world = args.devices * args.num_nodes
     node = int(os.environ.get("NODE_RANK", 0))
     rank = node * args.devices + int(os.environ.get("LOCAL_RANK", 0)) if args.strategy != "ddp_spawn" else None
-    train = _loader(make_data(0), rank, world)
+    train = _loader(make_data(0), rank, world, short=rank is not None and rank == args.short_rank)
     val = _loader(make_data(1), rank, world)
     trainer.fit(model, train, val, ckpt_path=args.ckpt)
     if args.save_main:  # ddp_spawn: this is the launching process, where no fit hook ran
