@@ -256,6 +256,8 @@ class LookaheadCallback(Callback):
         self.lookahead.attach(trainer.optimizers, pl_module, claim)
         if self._averager is not None and trainer.strategy.model is not None:
             self._averager.wrap(trainer.strategy.model)  # the workers' gradient all-reduce
+        if self._workers is not None and (note := local_steps.sync_batchnorm_note(pl_module, self._workers)):
+            self._warn_once("sync_batchnorm", note)
         self.lookahead.gate = _InTrainerCallbacks(self, trainer)
         # the distance costs extra passes per sync: measure it only where a row will show it. With
         # shards it needs a collective, so there it must not depend on a per-rank logger choice.

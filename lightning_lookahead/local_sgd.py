@@ -55,9 +55,11 @@ class Workers:
     def __init__(self, ranks_per_worker: int) -> None:
         world, me = world_size(), rank()
         if world % ranks_per_worker:
+            problem = "is more than" if ranks_per_worker > world else "does not divide"
             raise ValueError(
-                f"Lookahead local SGD: ranks_per_worker={ranks_per_worker} does not divide the {world} processes"
-                " into equal workers; use a divisor of the world size (or 'node' for the ranks of one node)."
+                f"Lookahead local SGD: ranks_per_worker={ranks_per_worker} {problem} the {world} processes"
+                " (equal workers of consecutive ranks); use a divisor of the world size (or 'node' for the"
+                " ranks of one node)."
             )
         self.size = ranks_per_worker  # ranks per worker
         self.count = world // ranks_per_worker  # workers
@@ -98,8 +100,8 @@ class WeightAverager:
     Each rank counts its own optimizer steps, and every rank must take the same number of them (as
     under DDP), so the collectives line up. In a single process it does nothing.
 
-    ``config.start`` steps of ordinary DDP over the whole world come first (the averaging is then
-    skipped: every rank holds the same weights). With ``config.average_precision="bf16"`` the
+    ``config.start`` steps of ordinary DDP over the whole world come first (:meth:`prepare` decides
+    the phase per batch; a sync during warm-up averages nothing: every rank holds the same weights). With ``config.average_precision="bf16"`` the
     pseudo-gradients ``theta_w - phi`` cross between workers as bfloat16 and are summed in float32
     on arrival: the average becomes ``phi + mean_w bf16(theta_w - phi)``; buffers stay exact.
 
@@ -125,28 +127,32 @@ class WeightAverager:
     # ---------------------------------------------------------------- the sync
     @torch.no_grad()
     def __call__(self, la: Lookahead, index: int) -> None:
-        if self.workers.count == 1 or la.steps[index] <= self.config.start:
-            return  # one worker, or only warm-up steps since the last sync: every rank holds the same
+        # During warm-up (as prepare() set it for this batch) every rank took the same steps on the
+        # same all-reduced gradients since this optimizer's last sync: nothing to average.
+        if self.workers.count == 1 or self.warming_up:
+            return
         group = la.groups[index]
         fast = [local(p) for p in group.params]
         buffers = floating_buffers(la.module)
+        # statistics (and constants such as position tables) are summed in float64: the float32 sum
+        # of 3 equal values is not always 3x their value, and a constant would drift by an ulp a sync
         if self.workers.size > 1:  # a worker's ranks saw different batches: their statistics differ
             for part in group_by_device_dtype(buffers):
-                self._flat(part, self._mean_in_worker)
+                self._flat(part, self._mean_in_worker, torch.float64)
+        for part in group_by_device_dtype(buffers):
+            self._flat(part, self._mean_across, torch.float64)
         if self.config.average_precision == "bf16":
-            for part in group_by_device_dtype(buffers):
-                self._flat(part, self._mean_across)
             slow = list(group.slow_tensors().values())
             for idx in group_indices_by_device_dtype(fast):
                 self._mean_deltas([fast[i] for i in idx], [slow[i] for i in idx])
-        else:
-            for part in group_by_device_dtype(fast + buffers):
+        else:  # the weights are summed in their own dtype, as DDP sums gradients
+            for part in group_by_device_dtype(fast):
                 self._flat(part, self._mean_across)
         self.averaged += 1
 
-    def _flat(self, tensors: list[Tensor], mean: Any) -> None:
+    def _flat(self, tensors: list[Tensor], mean: Any, dtype: torch.dtype | None = None) -> None:
         flat = torch._utils._flatten_dense_tensors(tensors)  # one contiguous copy of the group
-        averaged = mean(flat.to(_collective_device(flat))).to(flat.device)
+        averaged = mean(flat.to(_collective_device(flat), dtype or flat.dtype)).to(flat.device, flat.dtype)
         for t, avg in zip(tensors, torch._utils._unflatten_dense_tensors(averaged, tensors)):
             t.copy_(avg)
 
@@ -223,9 +229,11 @@ class WeightAverager:
 
     def prepare(self, model: nn.Module, steps: int) -> None:
         """Set a ``DistributedDataParallel`` wrapper up for the next forward/backward, ``steps``
-        optimizer steps into the run: during warm-up ordinary DDP over the world; then the worker's
-        gradient all-reduce (none when a worker is one rank) and no buffer broadcast from rank 0
-        (buffers are averaged at syncs).
+        optimizer steps into the run: during warm-up, and throughout when all ranks are one worker,
+        ordinary DDP over the world (buffers broadcast from rank 0 if DDP was set to); otherwise the
+        worker's gradient all-reduce (none when a worker is one rank) and no buffer broadcast
+        (buffers are averaged at syncs). Under manual optimisation with several steps per batch the
+        phase changes at batch boundaries.
 
         DDP reads these flags in ``forward`` (``no_sync()`` sets the same flag), so call this before
         every forward: Lightning's ``no_sync`` restores the value it found, but under manual
@@ -236,9 +244,10 @@ class WeightAverager:
             return
         if not hasattr(model, "_lookahead_broadcast_buffers"):  # the user's choice, before we change it
             model._lookahead_broadcast_buffers = bool(model.broadcast_buffers)  # type: ignore[assignment]
-        model.require_backward_grad_sync = self.warming_up or self.workers.size > 1
-        model.require_forward_param_sync = self.warming_up
-        model.broadcast_buffers = self.warming_up and bool(model._lookahead_broadcast_buffers)
+        ddp = self.warming_up or self.workers.count == 1  # ordinary DDP over the world, buffers included
+        model.require_backward_grad_sync = ddp or self.workers.size > 1
+        model.require_forward_param_sync = ddp
+        model.broadcast_buffers = ddp and bool(model._lookahead_broadcast_buffers)
 
     def comm_metrics(self, steps: int) -> dict[str, float]:
         """Bytes since :meth:`start` and per optimizer step since then (all optimizers together;
@@ -283,6 +292,18 @@ def check_ddp_module(model: nn.Module) -> None:
             " its gradient all-reduces from the first iteration, and local SGD switches them off or onto the"
             " worker's ranks. Use static_graph=False (the default)."
         )
+
+
+def sync_batchnorm_note(module: nn.Module, workers: Workers) -> str | None:
+    """A warning when SyncBatchNorm would exchange statistics between workers at every forward."""
+    if workers.count == 1 or not any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
+        return None
+    return (
+        "Lookahead local SGD: the model has SyncBatchNorm layers, which exchange batch statistics at every"
+        " forward over their process group (by default all ranks, so also between workers), outside local SGD's"
+        " schedule and byte counts. Use BatchNorm (local SGD averages its statistics at syncs), or give"
+        " SyncBatchNorm a worker's ranks as process_group."
+    )
 
 
 def check_strategy(strategy: Any, world: int, scaler: Any = None) -> bool:
@@ -401,12 +422,13 @@ def rank_state(
     if not per_rank:
         return None
     if len(per_rank) != world_size():
-        warnings.warn(
-            f"Lookahead local SGD: the checkpoint holds the state of {len(per_rank)} ranks, this run has"
-            f" {world_size()}; every rank continues from rank 0's fast weights and optimizer state.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        if rank() == 0:
+            warnings.warn(
+                f"Lookahead local SGD: the checkpoint holds the state of {len(per_rank)} ranks, this run has"
+                f" {world_size()}; every rank continues from rank 0's fast weights and optimizer state.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return None
     saved = saved_grouping or 1  # checkpoints from before worker groups: one rank per worker
     if saved != workers.size:

@@ -356,7 +356,10 @@ def _route_worker(rank: int, port: int, out: str) -> None:
     second.wrap(ddp)  # a new core after a mid-fit restore: it must get the hook's traffic
     second.prepare(ddp, steps=0)
     ddp(torch.randn(4, 3)).sum().backward()
-    torch.save({"first": first.intra_bytes + first.inter_bytes, "second": second.intra_bytes}, f"{out}/route.pt")
+    second.prepare(ddp, steps=10)  # after the warm-up, all ranks still one worker: DDP's buffer broadcast stays
+    flags = (ddp.require_backward_grad_sync, ddp.require_forward_param_sync, ddp.broadcast_buffers)
+    torch.save({"first": first.intra_bytes + first.inter_bytes, "second": second.intra_bytes, "flags": flags},
+               f"{out}/route.pt")  # fmt: skip
     dist.destroy_process_group()
 
 
@@ -365,7 +368,7 @@ def test_a_replacing_averager_takes_over_the_gradient_hook(tmp_path):
 
     mp.start_processes(_route_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True, start_method="spawn")
     counted = torch.load(tmp_path / "route.pt")
-    assert counted == {"first": 0, "second": (3 * 2 + 2) * 4}
+    assert counted == {"first": 0, "second": (3 * 2 + 2) * 4, "flags": (True, True, True)}
 
 
 def _hierarchical_worker(rank: int, port: int, out: str) -> None:
@@ -380,7 +383,7 @@ def _hierarchical_worker(rank: int, port: int, out: str) -> None:
     for precision in ("full", "bf16"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
-        model[2].double()  # a second dtype; 49 float32 weights (63 with the statistics: padded to 2 x 32)
+        model[2].double()  # a second dtype; 49 float32 weights: an odd count, padded to 2 x 25
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step changes nothing; its sync averages
         averager = local_sgd.WeightAverager(LocalSGDConfig(True, 2, average_precision=precision), workers)
         la = Lookahead(k=1, alpha=1.0, before_sync=averager)
@@ -422,9 +425,11 @@ def test_hierarchical_average_of_weights_and_per_rank_statistics(tmp_path):
                 expected = phi + ((b[0][name] - phi).bfloat16().float() + (b[2][name] - phi).bfloat16().float()).to(phi.dtype) / 2
             torch.testing.assert_close(runs[0]["after"][name], expected, atol=1e-7, rtol=1e-7)
         assert runs[0]["after"]["1.num_batches_tracked"] == 0
-        buffers = 14 * 4  # running mean and var, float32: one all-reduce inside the worker (full size)
-        if precision == "full":  # weights + statistics per dtype, each sliced in two: float32 63 -> 32, float64 24 -> 12
-            inter, gathered = 32 * 4 + 12 * 8, 32 * 4 + 12 * 8
-        else:  # statistics exact (14 floats -> 7), pseudo-gradients as bf16 (49 -> 25, 24 -> 12)
-            inter, gathered = 7 * 4 + 25 * 2 + 12 * 2, 7 * 4 + 25 * 4 + 12 * 8
+        # the statistics (running mean and var) are summed in float64: one all-reduce of 14 inside the
+        # worker, then sliced in two (7) across; the weights per dtype, sliced in two
+        buffers = 14 * 8
+        if precision == "full":  # float32 weights 49 -> 25 (padded), float64 24 -> 12
+            inter = gathered = 7 * 8 + 25 * 4 + 12 * 8
+        else:  # pseudo-gradients cross as bf16, the worker gathers the averaged slices in their dtype
+            inter, gathered = 7 * 8 + 25 * 2 + 12 * 2, 7 * 8 + 25 * 4 + 12 * 8
         assert (runs[1]["inter"], runs[1]["intra"]) == (inter, buffers + gathered)

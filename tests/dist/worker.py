@@ -92,6 +92,30 @@ class SkipStepModule(Module):
             opt.step()
 
 
+class TwoOptimizerModule(Module):
+    """Manual optimisation with two optimizers on separate layers, the second stepping every second
+    batch (a GAN's critic schedule): their syncs fall on different batches."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.automatic_optimization = False
+        self.batches = 0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        x, y = batch
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(nn.functional.mse_loss(self.net(x), y))
+        first.step()
+        if self.batches % 2 == 1:
+            second.step()
+        self.batches += 1
+
+
 class Perturb(Callback):
     """Corrupts one rank's slow weights by one ulp in one element, to show that check_ranks_every
     compares bits (a tolerance would let it pass)."""
@@ -234,6 +258,7 @@ def main() -> None:
     ap.add_argument("--average-precision", default="full")
     ap.add_argument("--devices", type=int, default=2, help="processes per node")
     ap.add_argument("--short-rank", type=int, default=None, help="this rank's training data one batch short")
+    ap.add_argument("--two-opt", action="store_true", help="two optimizers, the second every second batch")
     ap.add_argument("--num-nodes", type=int, default=1, help="launch one command per node, NODE_RANK=0..")
     ap.add_argument("--count-comm", action="store_true", help="count all-reduces per step (OUT/comm_rank{r}.pt)")
     ap.add_argument("--freeze-first", action="store_true", help="net.0 frozen and not optimised")
@@ -287,7 +312,10 @@ def main() -> None:
     )
     kw = dict(fsdp2=fsdp2, opt=args.opt, root_only=args.root_only, poison_rank=args.poison_rank)
     kw["freeze_first"] = args.freeze_first
-    model = Module(**kw) if args.skip_step_rank is None else SkipStepModule(args.skip_step_rank, **kw)
+    if args.two_opt:
+        model = TwoOptimizerModule(**kw)
+    else:
+        model = Module(**kw) if args.skip_step_rank is None else SkipStepModule(args.skip_step_rank, **kw)
     # Explicit in-order sharding: rank r of W sees samples r, r+W, ...; 16/W per rank = a 16-sample
     # global batch equal to the single-process batch of samples 0..15.
     world = args.devices * args.num_nodes
