@@ -433,3 +433,12 @@ def test_hierarchical_average_of_weights_and_per_rank_statistics(tmp_path):
         else:  # pseudo-gradients cross as bf16, the worker gathers the averaged slices in their dtype
             inter, gathered = 7 * 8 + 25 * 2 + 12 * 2, 7 * 8 + 25 * 4 + 12 * 8
         assert (runs[1]["inter"], runs[1]["intra"]) == (inter, buffers + gathered)
+
+
+def test_sync_batchnorm_between_workers_is_named(monkeypatch):
+    workers, _ = _layout(monkeypatch, world=4, rank=0, per_worker=2)
+    note = local_sgd.sync_batchnorm_note(nn.Sequential(nn.Linear(3, 3), nn.SyncBatchNorm(3)), workers)
+    assert note is not None and "SyncBatchNorm layers, which exchange batch statistics at every forward" in note
+    assert local_sgd.sync_batchnorm_note(nn.Sequential(nn.BatchNorm1d(3)), workers) is None
+    one, _ = _layout(monkeypatch, world=4, rank=0, per_worker=4)  # one worker: it is DDP
+    assert local_sgd.sync_batchnorm_note(nn.Sequential(nn.SyncBatchNorm(3)), one) is None
