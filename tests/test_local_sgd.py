@@ -1,7 +1,8 @@
 """Local SGD (LookaheadCallback(local_sgd=True)): real 2-process runs (gloo on CPU) against an
-independent simulation, against ordinary DDP, with communication counted per step.
+independent simulation (tests/test_worker_groups.py's, with one rank per worker), against ordinary
+DDP, with communication counted per step.
 
-Six 2-process runs in all, shared between tests by module-scoped fixtures. The worker is
+The 2-process runs are shared between tests by module-scoped fixtures. The worker is
 tests/dist/worker.py (rank r trains on samples r, r+2, ...: 24 samples, 3 batches of 8 per epoch).
 """
 
@@ -13,69 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_data, make_net
+from conftest import make_net
 from test_distributed import NAMES, load, run_worker
+from test_worker_groups import assert_matches_simulation  # one copy per worker; here a worker is a rank
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_lookahead import Lookahead, local_sgd
 
 pytestmark = pytest.mark.slow
 N_PARAMS = sum(p.numel() for p in make_net().parameters())  # 146 float32 values, no buffers
-
-
-# ----------------------------------------------------------------------------- the simulation
-def simulate(opt: str, k: int, alpha: float, mu: float, n_steps: int, world: int = 2):
-    """Local SGD + outer step written out plainly: ``world`` model copies in one process, each with
-    its own optimizer and its DistributedSampler shard; every k steps average the copies, take the
-    outer step on phi (Lookahead, or SGD with Nesterov momentum mu on phi - mean theta), and set
-    every copy to phi. Returns (fast weights of each copy, phi) by parameter name."""
-    nets = [make_net(0) for _ in range(world)]
-    opts = []
-    for net in nets:
-        if opt == "adam":
-            opts.append(torch.optim.Adam(net.parameters(), lr=0.02))
-        elif opt == "sgd":
-            opts.append(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
-        else:
-            opts.append(torch.optim.SGD(net.parameters(), lr=0.1))
-    data = make_data(0)
-    shards = [list(DataLoader(data, batch_size=8, sampler=DistributedSampler(data, world, r, shuffle=False))) for r in range(world)]
-    phi = [p.detach().clone() for p in nets[0].parameters()]
-    buf = [torch.zeros_like(p) for p in phi]
-    for step in range(n_steps):
-        for net, o, shard in zip(nets, opts, shards):
-            x, y = shard[step % len(shard)]
-            o.zero_grad()
-            nn.functional.mse_loss(net(x), y).backward()
-            o.step()
-        if (step + 1) % k:
-            continue
-        with torch.no_grad():
-            for i, ps in enumerate(zip(*(net.parameters() for net in nets))):
-                mean = sum(ps[1:], ps[0].clone()) / world  # (theta_0 + theta_1) / 2
-                if mu == 0:
-                    phi[i] += alpha * (mean - phi[i])
-                else:
-                    s = phi[i] - mean  # the pseudo-gradient
-                    buf[i] = mu * buf[i] + s
-                    phi[i] -= alpha * (s + mu * buf[i])  # Nesterov
-                for p in ps:
-                    p.copy_(phi[i])
-    fast = [{n: p.detach().clone() for n, p in zip(NAMES, net.parameters())} for net in nets]
-    return fast, dict(zip(NAMES, phi))
-
-
-def assert_matches_simulation(out: Path, opt: str, k: int, alpha: float, mu: float, n_steps: int) -> None:
-    fast, slow = simulate(opt, k, alpha, mu, n_steps)
-    for rank in (0, 1):
-        fit = load(out, "fit", rank)
-        for n in NAMES:
-            # tolerance 1e-6: the same float32 ops in the same order, but in two processes and
-            # through Lightning; Lookahead uses lerp_ where this writes phi + alpha (mean - phi)
-            # (measured: max difference 6e-8)
-            torch.testing.assert_close(fit["fast"][n], fast[rank][n], atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(fit["slow"][n], slow[n], atol=1e-6, rtol=1e-6)
 
 
 def comm(out: Path, rank: int) -> dict:
@@ -132,13 +79,13 @@ def pullback_runs(tmp_path_factory):
 def test_sgd_plain_lookahead_equals_simulation(sgd_runs):
     fit = load(sgd_runs / "full", "fit", 0)
     assert fit["steps"] == [12] and fit["syncs"] == 3
-    assert_matches_simulation(sgd_runs / "full", "sgd", k=4, alpha=0.5, mu=0.0, n_steps=12)
+    assert_matches_simulation(sgd_runs / "full", 2, opt="sgd", k=4, alpha=0.5, mu=0.0, n_steps=12, per_worker=1)
 
 
 def test_adam_diloco_outer_step_equals_simulation(diloco_runs):
     fit = load(diloco_runs / "full", "fit", 0)
     assert fit["steps"] == [9] and fit["syncs"] == 3 and fit["momentum"]
-    assert_matches_simulation(diloco_runs / "full", "adam", k=3, alpha=0.7, mu=0.9, n_steps=9)
+    assert_matches_simulation(diloco_runs / "full", 2, opt="adam", k=3, alpha=0.7, mu=0.9, n_steps=9, per_worker=1)
 
 
 def test_k1_alpha1_local_sgd_equals_ordinary_ddp(k1_runs):
