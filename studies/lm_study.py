@@ -18,11 +18,9 @@ Runs are appended to the CSVs as they finish, so an interrupted study resumes by
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import multiprocessing as mp
-import os
 import sys
 import time
 import warnings
@@ -36,6 +34,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # the lm/ helpers (also in the worker processes)
 if (ROOT / "lightning_lookahead").is_dir():
     sys.path.insert(1, str(ROOT))  # the callback of this checkout, not whatever else is installed
+from study_io import append_rows
 
 
 @dataclass(frozen=True)
@@ -199,17 +198,6 @@ def fit_one(method_id: str, lr: float, seed: int, cfg: Config, accelerator: str,
 
 
 # ----------------------------------------------------------------------------- the study
-def _append(path: Path, rows: list[dict], columns: list[str]) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _done(runs_csv: Path, curves_csv: Path, cfg: Config) -> set[tuple[str, str, int]]:
     """Keys already in the runs CSV; curve rows of a run missing there (a crash between the two
     appends) are dropped so its rerun does not duplicate them."""
@@ -247,8 +235,8 @@ def run_study(out: Path, cfg: Config, accelerator: str, workers: int) -> None:
     start = time.perf_counter()
 
     def finished(i: int, row: dict, curve: list[dict]) -> None:
-        _append(curves_csv, curve, CURVE_COLUMNS)  # curves first: see _done
-        _append(runs_csv, [row], RUN_COLUMNS)
+        append_rows(curves_csv, curve, CURVE_COLUMNS)  # curves first: see _done
+        append_rows(runs_csv, [row], RUN_COLUMNS)
         elapsed = time.perf_counter() - start
         flag = " DIVERGED" if row["diverged"] else ""
         print(f"[{i:3d}/{len(todo)}] {row['method']:9s} lr={row['lr']:<7.2g} seed={row['seed']}"
@@ -293,7 +281,7 @@ def run_timing(out: Path, cfg: Config, accelerator: str, reps: int = 4, steps: i
                   " ms/step", flush=True)  # fmt: skip
     path = out / "lm_study_timing.csv"
     path.unlink(missing_ok=True)
-    _append(path, rows, TIMING_COLUMNS)
+    append_rows(path, rows, TIMING_COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,16 +24,14 @@ it stopped (runs already in the CSV are skipped):
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import multiprocessing as mp
-import os
 import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples"))  # mni
 import numpy as np  # noqa: E402
 
 import outer_momentum_metrics as om  # noqa: E402
+from study_io import append_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -293,17 +292,6 @@ def fit_one(run: Run, cfg: Config) -> tuple[dict[str, Any], list[dict[str, Any]]
 
 
 # ----------------------------------------------------------------------------- the study (main process)
-def _append(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _done_keys(study_csv: Path, curves_csv: Path, cfg: Config) -> set[str]:
     """Runs already in the study CSV; curve rows of an unfinished run (a crash between the two
     appends) are dropped so that its rerun does not duplicate them."""
@@ -361,8 +349,8 @@ def run_study(out: Path, cfg: Config, workers: int, extra: bool = False, refine:
         futures = {pool.submit(fit_one, run, cfg): run for run in todo}
         for i, fut in enumerate(as_completed(futures), 1):
             row, curve = fut.result()  # a failed run raises here: the study stops, what is done stays
-            _append(curves_csv, curve, CURVE_COLUMNS)  # curves first: see _done_keys
-            _append(study_csv, [row], study_columns(cfg))
+            append_rows(curves_csv, curve, CURVE_COLUMNS)  # curves first: see _done_keys
+            append_rows(study_csv, [row], study_columns(cfg))
             elapsed = time.perf_counter() - start
             eta = elapsed / i * (len(todo) - i)
             print(f"[run {i:3d}/{len(todo)}] {_fmt_row(row, cfg)}  ({row['seconds']:.1f}s;"
