@@ -139,10 +139,7 @@ def check_replicated(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
     """
     if world_size() == 1 or not tensors:
         return
-    checksum = torch.stack([_bits_checksum(t) for t in tensors]).flatten()
-    both = torch.cat([checksum, -checksum]).to(_collective_device(tensors[0]))
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    hi, lo = both[: checksum.numel()].view(-1, 2), -both[checksum.numel() :].view(-1, 2)
+    lo, hi = min_max(torch.stack([_bits_checksum(t) for t in tensors]), _collective_device(tensors[0]))
     bad = (hi != lo).any(dim=1).nonzero().flatten().tolist()
     if bad:
         raise RankMismatchError(
@@ -150,6 +147,16 @@ def check_replicated(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
             f" {len(bad)} of {len(tensors)} entries differ: {[names[i] for i in bad[:6]]}."
             " Ranks must run identical updates."
         )
+
+
+def min_max(t: Tensor, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """The elementwise minimum and maximum of ``t`` over all ranks, on every rank: one MAX all-reduce
+    of ``[t, -t]`` (on ``device``, default: where the backend wants ``t``), so all ranks can decide
+    together, e.g. raise together instead of leaving the others waiting."""
+    both = torch.cat([t.flatten(), -t.flatten()]).to(device or _collective_device(t))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    n = t.numel()
+    return -both[n:].view_as(t).to(t.device), both[:n].view_as(t).to(t.device)
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

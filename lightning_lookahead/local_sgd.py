@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 
 from lightning_lookahead._grouping import group_by_device_dtype, group_indices_by_device_dtype
 from lightning_lookahead.config import LocalSGDConfig
-from lightning_lookahead.distributed import _collective_device, local, rank, world_size
+from lightning_lookahead.distributed import _collective_device, local, min_max, rank, world_size
 
 if TYPE_CHECKING:
     from lightning_lookahead.lookahead import Lookahead
@@ -362,10 +362,7 @@ def check_equal_batches(batches: float) -> None:
     """
     if world_size() == 1:
         return
-    both = torch.tensor([batches, -batches], dtype=torch.float64)
-    on = both.to(_collective_device(both))
-    dist.all_reduce(on, op=dist.ReduceOp.MAX)
-    most, fewest = on[0].item(), -on[1].item()
+    fewest, most = (x.item() for x in min_max(torch.tensor(batches, dtype=torch.float64)))
     if most != fewest:
         raise ValueError(
             f"Lookahead local SGD: the ranks' training data loaders have different lengths this epoch ({fewest:g}"
