@@ -101,9 +101,10 @@ class WeightAverager:
     under DDP), so the collectives line up. In a single process it does nothing.
 
     ``config.start`` steps of ordinary DDP over the whole world come first (:meth:`prepare` decides
-    the phase per batch; a sync during warm-up averages nothing: every rank holds the same weights). With ``config.average_precision="bf16"`` the
-    pseudo-gradients ``theta_w - phi`` cross between workers as bfloat16 and are summed in float32
-    on arrival: the average becomes ``phi + mean_w bf16(theta_w - phi)``; buffers stay exact.
+    the phase per batch; a sync during warm-up averages nothing: every rank holds the same weights).
+    With ``config.average_precision="bf16"`` the pseudo-gradients ``theta_w - phi`` cross between
+    workers as bfloat16 and are summed in float32 on arrival: the average becomes
+    ``phi + mean_w bf16(theta_w - phi)``; buffers stay exact.
 
     :attr:`inter_bytes` counts the payload bytes this rank sent between workers since :meth:`start`
     (its slice at syncs; the world-wide gradient all-reduce during warm-up), :attr:`intra_bytes`
@@ -133,7 +134,7 @@ class WeightAverager:
             return
         group = la.groups[index]
         fast = [local(p) for p in group.params]
-        buffers = floating_buffers(la.module)
+        buffers = list(floating_buffers(la.module).values())
         # statistics (and constants such as position tables) are summed in float64: the float32 sum
         # of 3 equal values is not always 3x their value, and a constant would drift by an ulp a sync
         if self.workers.size > 1:  # a worker's ranks saw different batches: their statistics differ
@@ -277,10 +278,10 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def floating_buffers(module: nn.Module) -> list[Tensor]:
-    """The module's floating-point buffers (BatchNorm running mean/var); integer ones such as
+def floating_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """The module's floating-point buffers by name (BatchNorm running mean/var); integer ones such as
     ``num_batches_tracked`` advance identically on every rank and are left alone."""
-    return [b for b in module.buffers() if b.is_floating_point()]
+    return {n: b for n, b in module.named_buffers() if b.is_floating_point()}
 
 
 # ---------------------------------------------------------------------------- DDP
@@ -396,7 +397,7 @@ def gather_rank_states(la: Lookahead, optimizers: Sequence[Optimizer]) -> list[d
     mine = _to_cpu(
         {
             "fast": dict(tensors["fast"]),
-            "buffers": {n: b for n, b in la.module.named_buffers() if b.is_floating_point()},
+            "buffers": floating_buffers(la.module),
             "slow_moments": dict(tensors["slow_moments"]),
             "optimizers": [opt.state_dict() for opt in optimizers],
         }
