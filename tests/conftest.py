@@ -20,6 +20,19 @@ warnings.filterwarnings("ignore", ".*LeafSpec.*")
 N_SAMPLES, BATCH = 48, 8  # 6 batches per epoch
 
 
+def end_spawned_process() -> None:
+    """End a process started by torch.multiprocessing once its results are written: leave the process
+    group, then skip the interpreter's teardown, where gloo's C++ threads now and then abort on this
+    machine ("terminate called without an active exception", SIGABRT) and fail a test whose work is
+    done (tests/dist/worker.py does the same)."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def make_data(seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N_SAMPLES, 6, generator=g)

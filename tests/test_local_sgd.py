@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_net
+from conftest import end_spawned_process, make_net
 from test_distributed import NAMES, load, run_worker
 from test_worker_groups import assert_matches_simulation  # one copy per worker; here a worker is a rank
 from torch import nn
@@ -290,7 +290,7 @@ def _average_worker(rank: int, port: int, out: str) -> None:
                       "bytes": averager.inter_bytes})  # fmt: skip
     dist.all_reduce = original
     torch.save(snapshots, f"{out}/avg_rank{rank}.pt")
-    dist.destroy_process_group()
+    end_spawned_process()
 
 
 def test_sync_averages_weights_and_batchnorm_statistics_in_one_all_reduce_per_dtype(tmp_path):
@@ -361,7 +361,7 @@ def _buffers_worker(rank: int, port: int, out: str) -> None:
             b.zero_()
     local_sgd.load_buffers(model, local_sgd.rank_state(everyone[0], local_sgd.Workers(1), 1)["buffers"])
     torch.save({"own": own, "restored": dict(model.named_buffers())}, f"{out}/buffers_rank{rank}.pt")
-    dist.destroy_process_group()
+    end_spawned_process()
 
 
 def test_per_rank_checkpoint_entries_carry_each_ranks_batchnorm_statistics(tmp_path):
@@ -421,7 +421,7 @@ def _constant_worker(rank: int, port: int, out: str) -> None:
         model(torch.randn(8, 4)).square().mean().backward()
         opt.step()  # k=1: every step syncs, averaging the weights and the table over 3 workers
     torch.save({"unchanged": torch.equal(model.table, before)}, f"{out}/const_rank{rank}.pt")
-    dist.destroy_process_group()
+    end_spawned_process()
 
 
 def test_constant_buffers_survive_averaging_over_three_workers(tmp_path):

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import RegressionModule, loader, make_net, trainer
+from conftest import RegressionModule, end_spawned_process, loader, make_net, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lookahead import Lookahead, LookaheadCallback
@@ -284,7 +284,7 @@ def _replicated_worker(rank: int, port: int, out: str) -> None:
         result = str(e)
     with open(f"{out}/rank{rank}.txt", "w") as f:
         f.write(result)
-    dist.destroy_process_group()
+    end_spawned_process()
 
 
 def test_check_replicated_raises_on_every_rank_for_one_ulp(tmp_path):

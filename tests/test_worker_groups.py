@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_data, make_net
+from conftest import end_spawned_process, make_data, make_net
 from test_distributed import NAMES, WORKER, _free_port, load, run_worker
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -360,7 +360,7 @@ def _route_worker(rank: int, port: int, out: str) -> None:
     flags = (ddp.require_backward_grad_sync, ddp.require_forward_param_sync, ddp.broadcast_buffers)
     torch.save({"first": first.intra_bytes + first.inter_bytes, "second": second.intra_bytes, "flags": flags},
                f"{out}/route.pt")  # fmt: skip
-    dist.destroy_process_group()
+    end_spawned_process()
 
 
 def test_a_replacing_averager_takes_over_the_gradient_hook(tmp_path):
@@ -397,7 +397,7 @@ def _hierarchical_worker(rank: int, port: int, out: str) -> None:
         results[precision] = {"before": before, "after": {n: t.clone() for n, t in model.state_dict().items()},
                               "inter": averager.inter_bytes, "intra": averager.intra_bytes}  # fmt: skip
     torch.save(results, f"{out}/hier_rank{rank}.pt")
-    dist.destroy_process_group()
+    end_spawned_process()
 
 
 def test_hierarchical_average_of_weights_and_per_rank_statistics(tmp_path):
